@@ -1,0 +1,161 @@
+"""The `llm-jax` command: parse arguments, then call the library.
+
+Every subcommand is a few lines that turn flags into a call of an importable function, so all
+behaviour is testable without this module. Heavy imports happen inside the handlers: `llm-jax
+--help` stays fast and one command never pays for another's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llm_jax import config as config_lib
+from llm_jax.errors import UserError
+
+
+def _load_config(args: argparse.Namespace) -> config_lib.Config:
+  if getattr(args, "preset", None):
+    from llm_jax.model import presets
+    base = config_lib.Config(model=presets.get(args.preset))
+  elif getattr(args, "config", None):
+    base = config_lib.load_file(args.config)
+  else:
+    raise config_lib.ConfigError("pass --config configs/NAME.py (or --preset NAME)")
+  return config_lib.override(base, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+  from llm_jax.train import loop
+  loop.train(_load_config(args), args.workdir, fresh=args.fresh)
+  return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+  from llm_jax import inspect as inspect_lib
+  print(json.dumps(inspect_lib.summarize(_load_config(args), shardings=args.shardings), indent=2))
+  return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+  from llm_jax.data import tokenizer
+  path = tokenizer.train_sentencepiece(args.input, args.vocab_size, args.out, model_type=args.model_type)
+  print(f"wrote {path}")
+  return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+  from llm_jax.data import sources
+  print(sources.prepare(args.name, from_file=args.from_file, data_dir=args.data_dir))
+  return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  import llm_jax
+  prompts = [args.prompt] if args.prompt is not None else []
+  if args.prompts_file:
+    with open(args.prompts_file, encoding="utf-8") as f:
+      prompts += [line.rstrip("\n") for line in f if line.strip()]
+  if not prompts:
+    raise config_lib.ConfigError("pass --prompt TEXT or --prompts-file FILE")
+  model = llm_jax.load(args.workdir)
+  results = model.generate(
+      prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json)
+  for result in results:
+    print(json.dumps(result) if args.json else result)
+  return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+  from llm_jax.interop import hf
+  if bool(args.from_hf) == bool(args.to_hf):
+    raise config_lib.ConfigError("pass exactly one of --from-hf DIR or --to-hf WORKDIR")
+  if args.from_hf:
+    print(hf.import_hf(args.from_hf, args.out))
+  else:
+    print(hf.export_hf(args.to_hf, args.out))
+  return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+  from llm_jax import checkpoint
+  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="pretrain or fine-tune as the config says; resumes from DIR's checkpoints")
+  p.add_argument("--config", required=True, help="configs/NAME.py (or a workdir's config.json)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--fresh", action="store_true", help="discard DIR's checkpoints and config and start over")
+  p.add_argument("overrides", nargs="*", metavar="section.key=value")
+  p.set_defaults(handler=_cmd_train)
+
+  p = sub.add_parser("inspect", help="parameter count, FLOPs per token, bytes and shardings (no allocation)")
+  group = p.add_mutually_exclusive_group(required=True)
+  group.add_argument("--config")
+  group.add_argument("--preset")
+  p.add_argument("--shardings", action="store_true", help="also list every parameter's sharding on the mesh")
+  p.add_argument("overrides", nargs="*", metavar="section.key=value")
+  p.set_defaults(handler=_cmd_inspect)
+
+  p = sub.add_parser("tokenizer", help="tokenizer tools")
+  tok = p.add_subparsers(dest="action", required=True)
+  t = tok.add_parser("train", help="train a sentencepiece model that round-trips any UTF-8 text")
+  t.add_argument("--input", nargs="+", required=True, metavar="GLOB")
+  t.add_argument("--vocab-size", type=int, required=True)
+  t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+  t.add_argument("--out", required=True, help="path of the .model file to write")
+  t.set_defaults(handler=_cmd_tokenizer)
+
+  p = sub.add_parser("data", help="dataset tools")
+  data = p.add_subparsers(dest="action", required=True)
+  d = data.add_parser("prepare", help="build a TFDS dataset offline from a local copy of its source file")
+  d.add_argument("name", help="dataset name, e.g. tiny_shakespeare")
+  d.add_argument("--from-file", required=True)
+  d.add_argument("--data-dir", required=True)
+  d.set_defaults(handler=_cmd_data)
+
+  p = sub.add_parser("generate", help="sample text from a trained or converted model")
+  p.add_argument("--workdir", required=True, help="a run's workdir or a checkpoint")
+  p.add_argument("--prompt")
+  p.add_argument("--prompts-file", help="one prompt per line")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--num-beams", type=int, default=1)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token ids, log-probs")
+  p.set_defaults(handler=_cmd_generate)
+
+  p = sub.add_parser("convert", help="Hugging Face weights in or out")
+  p.add_argument("--from-hf", help="a local transformers model folder")
+  p.add_argument("--to-hf", help="an llm-jax workdir")
+  p.add_argument("--out", required=True)
+  p.set_defaults(handler=_cmd_convert)
+
+  p = sub.add_parser("export", help="write a parameters-only checkpoint")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--dtype", default=None, help="cast parameters, e.g. bfloat16")
+  p.set_defaults(handler=_cmd_export)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.handler(args)
+  except UserError as e:  # input the user can fix: one line, no traceback
+    print(f"llm-jax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,362 @@
+"""Typed, frozen configuration for every llm-jax command.
+
+A run is described by one `Config` holding six sections (model, mesh, optim, data, train,
+sample). Experiments are Python files in `configs/` whose `get_config()` returns a `Config`;
+the command line then applies dotted overrides (`model.num_layers=2`). Every section is a
+frozen dataclass so a config can be hashed, compared and passed to `jax.jit` as a static
+argument, and so nothing mutates a run's settings after validation.
+
+Errors are `ConfigError` with a one-line message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import pathlib
+import typing
+from typing import Any
+
+from llm_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+  """A config key, value or combination that cannot run; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """One decoder-only transformer; GPT-2 and Llama differ only in these fields."""
+
+  vocab_size: int = 512
+  max_len: int = 256  # longest sequence (learned positions are allocated for this many)
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4  # grouped-query attention when smaller than num_heads
+  d_model: int = 256
+  d_ff: int = 1024
+  head_dim: int = 0  # 0 means d_model // num_heads
+  norm: str = "layernorm"  # "layernorm" (GPT-2, with bias) or "rmsnorm" (Llama)
+  norm_eps: float = 1e-5
+  position: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"  # "none" or "llama3" (Llama 3.1 frequency scaling)
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  mlp: str = "gelu"  # "gelu" (GPT-2, tanh approximation) or "swiglu" (Llama)
+  use_bias: bool = True  # biases on every projection and norm (GPT-2)
+  qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by use_bias
+  tie_embeddings: bool = True  # the output head reuses the input embedding (GPT-2)
+  sliding_window: int = 0  # 0: full causal attention; W: each token sees the last W tokens
+  dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss stay float32
+  param_dtype: str = "float32"
+  scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
+  remat: str = "none"  # "none", "full" or "save_matmuls"
+  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn"
+  init_std: float = 0.02
+  embed_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh (data, fsdp, tensor) and, for several processes, how they meet."""
+
+  data: int = 1
+  fsdp: int = -1  # -1 takes every device the other axes leave
+  tensor: int = 1
+  coordinator_address: str = ""  # "host:port" for jax.distributed; "" = auto (TPU, SLURM) or single process
+  num_processes: int = 0  # 0 = from the environment
+  process_id: int = -1  # -1 = from the environment
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optax optimizer and learning-rate schedule."""
+
+  name: str = "adamw"  # "adamw", "adafactor", "lion" or "sgd"
+  learning_rate: float = 3e-4  # peak
+  schedule: str = "cosine"  # "cosine", "linear", "wsd" (warmup-stable-decay) or "constant"
+  warmup_steps: int = 100
+  decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+  min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  momentum: float = 0.9  # sgd
+  weight_decay: float = 0.1
+  decay_embeddings: bool = False  # apply weight decay to embeddings too
+  grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it becomes token rows."""
+
+  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB
+  eval_source: str = ""  # "" = the dataset's validation split, or a held-out fraction of files
+  eval_fraction: float = 0.1  # local files: share of documents held out for evaluation
+  tfds_data_dir: str = ""  # "" = TFDS default (~/tensorflow_datasets)
+  tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
+  seq_len: int = 256
+  text_split: str = "file"  # text:GLOB documents: "file" or "blank_line"
+  text_field: str = "text"  # jsonl:GLOB field holding the document
+  worker_count: int = 0  # grain worker processes; 0 reads in the main process
+  prefetch: int = 2  # batches prepared ahead of the step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The step loop."""
+
+  steps: int = 1000
+  batch_size: int = 32  # global, across every device and process
+  microbatches: int = 1  # gradient accumulation inside the step
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100  # 0 disables evaluation
+  eval_batches: int = 8
+  checkpoint_every: int = 500  # 0 saves only at the end
+  keep_checkpoints: int = 3
+  init_from: str = ""  # a workdir or checkpoint whose parameters start this run
+  z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss
+  early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Text generation, for `llm-jax generate` and the samples a run prints."""
+
+  prompt: str = "\n"
+  max_new_tokens: int = 200
+  temperature: float = 0.8
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  num_beams: int = 1
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  sample: SampleConfig = SampleConfig()
+
+
+_CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position": ("learned", "rope"),
+    "model.rope_scaling": ("none", "llama3"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.remat": ("none", "full", "save_matmuls"),
+    "model.attention": ("xla", "cudnn"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optim.name": ("adamw", "adafactor", "lion", "sgd"),
+    "optim.schedule": ("cosine", "linear", "wsd", "constant"),
+    "data.text_split": ("file", "blank_line"),
+}
+
+
+def _fields(section: Any) -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(section)}
+
+
+def all_keys(config: Config = Config()) -> list[str]:
+  """Every dotted key an override may name."""
+  return [f"{s}.{k}" for s in _fields(config) for k in _fields(getattr(config, s))]
+
+
+def _field_type(section_cls: type, name: str) -> type:
+  return typing.get_type_hints(section_cls)[name]
+
+
+def _parse(key: str, text: str, kind: type) -> Any:
+  try:
+    if kind is bool:
+      lowered = text.strip().lower()
+      if lowered in ("true", "1", "yes"):
+        return True
+      if lowered in ("false", "0", "no"):
+        return False
+      raise ValueError(text)
+    if kind is int:
+      return int(text.replace("_", ""))
+    if kind is float:
+      return float(text)
+    return text
+  except ValueError:
+    raise ConfigError(f"{key}={text!r}: expected {kind.__name__}") from None
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+  """Checks a Python value (from a config file or JSON) against the field's type."""
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    raise ConfigError(f"{key}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
+  return value
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+  if not close:  # a right field under a wrong section still deserves a hint
+    tail = key.rsplit(".", 1)[-1]
+    close = [k for k in known if k.rsplit(".", 1)[-1] == tail][:3]
+  hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid sections: {sorted({k.split('.')[0] for k in known})}"
+  return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def override(config: Config, assignments: list[str] | dict[str, Any]) -> Config:
+  """Applies `section.key=value` strings (or a {key: value} dict) and returns a new Config.
+
+  Strings are parsed to the field's type; dict values must already have it.
+  """
+  items = assignments.items() if isinstance(assignments, dict) else [_split(a) for a in assignments]
+  known = all_keys(config)
+  for key, value in items:
+    if key not in known:
+      raise _unknown(key, known)
+    section_name, name = key.split(".", 1)
+    section = getattr(config, section_name)
+    kind = _field_type(type(section), name)
+    value = _parse(key, value, kind) if isinstance(value, str) and kind is not str else _coerce(key, value, kind)
+    config = dataclasses.replace(config, **{section_name: dataclasses.replace(section, **{name: value})})
+  check_choices(config)
+  return config
+
+
+def _split(assignment: str) -> tuple[str, str]:
+  key, sep, value = assignment.partition("=")
+  if not sep or not key:
+    raise ConfigError(f"override {assignment!r} is not section.key=value (e.g. model.num_layers=2)")
+  return key.strip(), value
+
+
+def check_choices(config: Config) -> None:
+  for key, choices in _CHOICES.items():
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    if value not in choices:
+      raise ConfigError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+  return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+  """Rebuilds a Config from `to_dict` output (e.g. a workdir's config.json), checking every key."""
+  flat = {}
+  for section, values in raw.items():
+    if not isinstance(values, dict):
+      raise _unknown(section, all_keys())
+    flat.update({f"{section}.{k}": v for k, v in values.items()})
+  return override(Config(), flat)
+
+
+def to_json(config: Config) -> str:
+  return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def load_json(path: str | pathlib.Path) -> Config:
+  return from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+def load_file(path: str | pathlib.Path) -> Config:
+  """Imports `configs/NAME.py` and calls its `get_config()`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} not found; pass a file such as configs/tiny_shakespeare.py")
+  if path.suffix == ".json":
+    return load_json(path)
+  spec = importlib.util.spec_from_file_location(f"llm_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(); a config file defines get_config() -> llm_jax.config.Config")
+  config = module.get_config()
+  if not isinstance(config, Config):
+    raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected llm_jax.config.Config")
+  check_choices(config)
+  return config
+
+
+def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Mesh sizes (data, fsdp, tensor) with a -1 replaced by the devices the others leave."""
+  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+  names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+  if sizes.count(-1) > 1:
+    raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  for name, size in zip(names, sizes):
+    if size == 0 or size < -1:
+      raise ConfigError(f"{name}={size}: expected a positive size or -1 (the remaining devices)")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {dict(zip(names, sizes))} cannot fill {num_devices} devices: {fixed} does not divide {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+        f"but {num_devices} are available; set the sizes to multiply to {num_devices} or make one -1")
+  return tuple(sizes)
+
+
+def validate_model(model: ModelConfig) -> None:
+  """Checks that the architecture is buildable; raises before any compilation."""
+  if min(model.num_layers, model.num_heads, model.num_kv_heads, model.d_model, model.d_ff, model.vocab_size, model.max_len) <= 0:
+    raise ConfigError("model sizes (num_layers, num_heads, num_kv_heads, d_model, d_ff, vocab_size, max_len) must be positive")
+  if not model.head_dim and model.d_model % model.num_heads:
+    raise ConfigError(f"model.num_heads={model.num_heads} does not divide model.d_model={model.d_model}; "
+                      "choose heads that divide d_model or set model.head_dim")
+  if model.num_heads % model.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads={model.num_kv_heads} does not divide model.num_heads={model.num_heads}")
+  if model.position == "rope" and model.dim_per_head % 2:
+    raise ConfigError(f"rotary positions need an even head dimension, got {model.dim_per_head}")
+
+
+def validate(config: Config, num_devices: int) -> tuple[int, int, int]:
+  """Checks every cross-field constraint of a run; returns the resolved mesh shape."""
+  check_choices(config)
+  validate_model(config.model)
+  data, fsdp, tensor = resolve_mesh(config.mesh, num_devices)
+  if config.data.seq_len > config.model.max_len:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}; "
+                      "lower data.seq_len or raise model.max_len")
+  if config.data.seq_len <= 0:
+    raise ConfigError(f"data.seq_len={config.data.seq_len}: expected a positive length")
+  train = config.train
+  if train.batch_size <= 0 or train.microbatches <= 0:
+    raise ConfigError("train.batch_size and train.microbatches must be positive")
+  if train.batch_size % train.microbatches:
+    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by train.microbatches={train.microbatches}")
+  shards = data * fsdp
+  if (train.batch_size // train.microbatches) % shards:
+    raise ConfigError(
+        f"train.batch_size={train.batch_size} (per microbatch {train.batch_size // train.microbatches}) is not "
+        f"divisible by mesh data x fsdp = {data} x {fsdp} = {shards}; use a multiple of {shards}")
+  return data, fsdp, tensor
+
+
+def replace(config: Config, **sections: Any) -> Config:
+  """`dataclasses.replace` for nested sections: replace(cfg, model=dict(num_layers=2))."""
+  updates = {}
+  for name, values in sections.items():
+    current = getattr(config, name)
+    updates[name] = dataclasses.replace(current, **values) if isinstance(values, dict) else values
+  return dataclasses.replace(config, **updates)
+

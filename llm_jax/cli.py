@@ -33,8 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-  from llm_jax import inspect as inspect_lib
-  print(json.dumps(inspect_lib.summarize(_load_config(args), shardings=args.shardings), indent=2))
+  from llm_jax.model import stats
+  print(json.dumps(stats.summarize(_load_config(args), shardings=args.shardings), indent=2))
   return 0
 
 

@@ -59,6 +59,7 @@ class ModelConfig:
   remat: str = "none"  # "none", "full" or "save_matmuls"
   attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn"
   init_std: float = 0.02
+  scaled_residual_init: bool = True  # GPT-2: residual output projections init with std / sqrt(2 x layers)
   embed_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0

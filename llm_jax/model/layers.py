@@ -1,0 +1,132 @@
+"""The transformer's math as pure array functions: arrays in, arrays out, no parameters held.
+
+Dimension letters (tensor names end with their shape):
+  B batch, L length (queries), S length (keys/values), D model width, H query heads,
+  G key/value heads, K head dim, F mlp width, V vocab.
+
+Numerics: norms, softmax and logits run in float32 whatever the compute dtype, because bf16
+accumulation there costs accuracy for no speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def lead(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Adds leading unit axes so `v` broadcasts against `x` (tests forbid implicit rank promotion)."""
+  return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+def layer_norm(x_BLD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: float) -> jax.Array:
+  x = x_BLD.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps) * lead(scale_D.astype(jnp.float32), x)
+  if bias_D is not None:
+    y = y + lead(bias_D.astype(jnp.float32), x)
+  return y.astype(x_BLD.dtype)
+
+
+def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  x = x_BLD.astype(jnp.float32)
+  y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
+  return (y * lead(scale_D.astype(jnp.float32), x)).astype(x_BLD.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 8.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_len: int = 8192) -> jax.Array:
+  """Inverse frequencies of rotary embeddings, with Llama 3.1's long-context rescaling.
+
+  Llama 3.1 leaves high frequencies (short wavelengths) alone, divides low frequencies by
+  `factor`, and interpolates smoothly between the two bands.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling == "none":
+    return inv_freq
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = original_max_len / low_freq_factor
+  high_freq_wavelen = original_max_len / high_freq_factor
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, interpolated, scaled)
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq_K2: jax.Array) -> jax.Array:
+  """Rotates query/key heads by their positions (the half-split layout Hugging Face Llama uses)."""
+  angles_BLK2 = positions_BL[..., None].astype(jnp.float32) * lead(inv_freq_K2, positions_BL[..., None])
+  sin = jnp.sin(angles_BLK2)[:, :, None, :]
+  cos = jnp.cos(angles_BLK2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BLHK.dtype)
+
+
+def attention_mask(q_segments_BL: jax.Array, kv_segments_BS: jax.Array, q_positions_BL: jax.Array,
+                   kv_positions_BS: jax.Array, sliding_window: int = 0) -> jax.Array:
+  """Which keys each query may see: same document, not in the future, inside the window.
+
+  Causality is by position, so packed rows (positions restart per document) and a KV cache
+  (keys from earlier calls) need no special case. Segment 0 is padding and sees nothing.
+  A window W lets a token see itself and the W - 1 tokens before it.
+  """
+  same_doc = q_segments_BL[:, :, None] == kv_segments_BS[:, None, :]
+  delta_BLS = q_positions_BL[:, :, None] - kv_positions_BS[:, None, :]
+  mask = same_doc & (delta_BLS >= 0) & (kv_segments_BS[:, None, :] != 0)
+  if sliding_window:
+    mask &= delta_BLS < sliding_window
+  return mask
+
+
+def attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: jax.Array,
+              *, implementation: str | None = None, dropout_rate: float = 0.0,
+              rng: jax.Array | None = None) -> jax.Array:
+  """Masked multi-head attention with grouped keys/values (G divides H).
+
+  `jax.nn.dot_product_attention` picks cuDNN on GPUs and XLA elsewhere and keeps the softmax
+  in float32. It has no dropout, so attention dropout (training only) takes the explicit path.
+  """
+  if dropout_rate and rng is not None:
+    return _attention_with_dropout(q_BLHK, k_BSGK, v_BSGK, mask_BLS, dropout_rate, rng)
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_BLS[:, None],
+                                      implementation=implementation)
+
+
+def _attention_with_dropout(q_BLHK, k_BSGK, v_BSGK, mask_BLS, rate, rng):
+  heads, kv_heads, head_dim = q_BLHK.shape[2], k_BSGK.shape[2], q_BLHK.shape[3]
+  q_BLGRK = q_BLHK.reshape(*q_BLHK.shape[:2], kv_heads, heads // kv_heads, head_dim)
+  logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
+  logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS / math.sqrt(head_dim), -1e30)
+  probs = jax.nn.softmax(logits_BGRLS, axis=-1)
+  probs = dropout(probs, rate, rng).astype(v_BSGK.dtype)
+  out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BSGK)
+  return out_BLGRK.reshape(q_BLHK.shape)
+
+
+def mlp(x_BLD: jax.Array, up_DF: jax.Array, down_FD: jax.Array, *, kind: str,
+        gate_DF: jax.Array | None = None, up_bias_F: jax.Array | None = None,
+        down_bias_D: jax.Array | None = None) -> jax.Array:
+  """GPT-2's GELU MLP (tanh approximation, as GPT-2 was trained) or Llama's SwiGLU."""
+  h_BLF = x_BLD @ up_DF
+  if up_bias_F is not None:
+    h_BLF = h_BLF + lead(up_bias_F, h_BLF)
+  if kind == "swiglu":
+    h_BLF = jax.nn.silu(x_BLD @ gate_DF) * h_BLF
+  else:
+    h_BLF = jax.nn.gelu(h_BLF, approximate=True)
+  out_BLD = h_BLF @ down_FD
+  return out_BLD if down_bias_D is None else out_BLD + lead(down_bias_D, out_BLD)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; a no-op without an RNG, which is how evaluation and sampling call it."""
+  if not rate or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -1,0 +1,256 @@
+"""The model: causality, packing, jit, scan, GQA, sliding window, sharding, presets."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import sharding
+from llm_jax.config import MeshConfig
+from llm_jax.model import layers, presets, transformer
+
+GPT2 = presets.get("tiny-gpt2")
+LLAMA = presets.get("tiny-llama")
+BOTH = pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+
+
+def reference_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS):
+  """Plain einsum attention, independent of jax.nn.dot_product_attention."""
+  groups = q_BLHK.shape[2] // k_BSGK.shape[2]
+  k_BSHK = jnp.repeat(k_BSGK, groups, axis=2)
+  v_BSHK = jnp.repeat(v_BSGK, groups, axis=2)
+  logits = jnp.einsum("blhk,bshk->bhls", q_BLHK, k_BSHK) / math.sqrt(q_BLHK.shape[-1])
+  logits = jnp.where(mask_BLS[:, None], logits, -jnp.inf)
+  return jnp.einsum("bhls,bshk->blhk", jax.nn.softmax(logits, axis=-1), v_BSHK)
+
+
+def random_tokens(shape, vocab, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def params_for(cfg, seed=0):
+  return transformer.init_params(cfg, jax.random.key(seed))
+
+
+@BOTH
+def test_causality_by_gradients(cfg):
+  """d logits[t] / d embeddings[s] is exactly zero for every s > t."""
+  params = params_for(cfg)
+  length = 12
+  tokens = random_tokens((1, length), cfg.vocab_size)
+  positions = jnp.arange(length)[None]
+  mask = layers.attention_mask(jnp.ones_like(tokens), jnp.ones_like(tokens), positions, positions)
+
+  def logits_from_embeddings(x_BLD, t):
+    x = transformer.apply_layers(params, cfg, x_BLD, mask, positions)
+    return transformer.unembed(params, cfg, x)[0, t].sum()
+
+  x_BLD = transformer.embed(params, cfg, tokens, positions)
+  for t in (0, 5, length - 2):
+    grad = jax.grad(logits_from_embeddings)(x_BLD, t)
+    future = np.abs(np.asarray(grad[0, t + 1:])).max()
+    past = np.abs(np.asarray(grad[0, : t + 1])).max()
+    assert future == 0.0
+    assert past > 0.0
+
+
+@BOTH
+def test_packed_row_equals_documents_alone(cfg):
+  params = params_for(cfg)
+  a = random_tokens((1, 7), cfg.vocab_size, seed=1)
+  b = random_tokens((1, 9), cfg.vocab_size, seed=2)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[1] * 7 + [2] * 9])
+  positions = jnp.array([list(range(7)) + list(range(9))])
+  logits = transformer.forward(params, cfg, packed, segment_ids_BL=segments, positions_BL=positions)
+  np.testing.assert_allclose(logits[:, :7], transformer.forward(params, cfg, a), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits[:, 7:], transformer.forward(params, cfg, b), atol=1e-5, rtol=1e-5)
+
+
+@BOTH
+def test_jit_equals_no_jit(cfg):
+  params = params_for(cfg)
+  tokens = random_tokens((2, 16), cfg.vocab_size)
+  eager = transformer.forward(params, cfg, tokens)
+  jitted = jax.jit(transformer.forward, static_argnums=1)(params, cfg, tokens)
+  np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+@BOTH
+def test_scanned_equals_unscanned(cfg):
+  params = params_for(cfg)
+  tokens = random_tokens((2, 16), cfg.vocab_size)
+  unscanned_cfg = dataclasses.replace(cfg, scan_layers=False)
+  unscanned = transformer.unstack_layers(params)
+  assert jax.tree.structure(unscanned) == jax.tree.structure(transformer.abstract_params(unscanned_cfg))
+  np.testing.assert_allclose(transformer.forward(params, cfg, tokens),
+                             transformer.forward(unscanned, unscanned_cfg, tokens), atol=1e-5, rtol=1e-5)
+  restacked = transformer.stack_layers(unscanned)
+  jax.tree.map(np.testing.assert_array_equal, restacked, params)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_matmuls"])
+def test_remat_keeps_values_and_gradients(remat):
+  params = params_for(LLAMA)
+  tokens = random_tokens((2, 16), LLAMA.vocab_size)
+
+  def loss(p, cfg):
+    return transformer.forward(p, cfg, tokens).mean()
+
+  g0 = jax.grad(loss)(params, LLAMA)
+  g1 = jax.grad(loss)(params, dataclasses.replace(LLAMA, remat=remat))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_gqa_matches_reference_attention(kv_heads):
+  """Grouped-query attention equals multi-head attention with each kv head repeated."""
+  cfg = dataclasses.replace(LLAMA, num_kv_heads=kv_heads)
+  rng = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(rng[0], (2, 10, cfg.num_heads, cfg.dim_per_head))
+  k = jax.random.normal(rng[1], (2, 10, kv_heads, cfg.dim_per_head))
+  v = jax.random.normal(rng[2], (2, 10, kv_heads, cfg.dim_per_head))
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  mask = layers.attention_mask(jnp.ones_like(pos), jnp.ones_like(pos), pos, pos)
+  np.testing.assert_allclose(layers.attention(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5)
+  params = params_for(cfg)
+  assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape[2] == kv_heads
+  logits = transformer.forward(params, cfg, random_tokens((2, 10), cfg.vocab_size))
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_gqa_with_one_group_equals_multi_head():
+  """num_kv_heads == num_heads is plain multi-head attention: repeating k/v heads changes nothing."""
+  cfg = dataclasses.replace(LLAMA, num_kv_heads=1)
+  params = params_for(cfg)
+  full = dataclasses.replace(cfg, num_kv_heads=cfg.num_heads)
+  repeated = jax.tree.map(lambda x: x, params)
+  for name in ("k_proj", "v_proj"):
+    kernel = params["layers"]["self_attn"][name]["kernel"]
+    repeated["layers"]["self_attn"][name]["kernel"] = jnp.repeat(kernel, cfg.num_heads, axis=2)
+  tokens = random_tokens((2, 12), cfg.vocab_size)
+  np.testing.assert_allclose(transformer.forward(params, cfg, tokens), transformer.forward(repeated, full, tokens),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_sliding_window_against_reference(window):
+  rng = jax.random.split(jax.random.key(4), 3)
+  q, k, v = (jax.random.normal(r, (1, 12, 2, 8)) for r in rng)
+  pos = jnp.arange(12)[None]
+  seg = jnp.ones_like(pos)
+  mask = layers.attention_mask(seg, seg, pos, pos, sliding_window=window)
+  expected = np.tril(np.ones((12, 12), bool)) & ~np.tril(np.ones((12, 12), bool), -window)
+  np.testing.assert_array_equal(mask[0], expected)
+  np.testing.assert_allclose(layers.attention(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5)
+  # In the model, a window as long as the sequence changes nothing; a short one changes the logits.
+  cfg = dataclasses.replace(LLAMA, sliding_window=window)
+  params = params_for(cfg)
+  tokens = random_tokens((1, 12), cfg.vocab_size)
+  full = transformer.forward(params, LLAMA, tokens)
+  windowed = transformer.forward(params, cfg, tokens)
+  np.testing.assert_allclose(windowed[:, :window], full[:, :window], atol=1e-5)
+  assert np.abs(np.asarray(windowed[:, window:] - full[:, window:])).max() > 1e-4
+
+
+def test_llama31_rope_scaling_changes_only_low_frequencies():
+  plain = layers.rope_inv_freq(128, 500000.0)
+  scaled = layers.rope_inv_freq(128, 500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
+  wavelen = 2 * np.pi / np.asarray(plain)
+  np.testing.assert_allclose(scaled[wavelen < 8192 / 4], plain[wavelen < 8192 / 4])
+  np.testing.assert_allclose(scaled[wavelen > 8192], plain[wavelen > 8192] / 8.0, rtol=1e-6)
+  middle = (wavelen >= 8192 / 4) & (wavelen <= 8192)
+  assert middle.any() and np.all(scaled[middle] < plain[middle]) and np.all(scaled[middle] > plain[middle] / 8)
+
+
+def test_dropout_only_with_rng():
+  cfg = dataclasses.replace(GPT2, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+  params = params_for(cfg)
+  tokens = random_tokens((2, 16), cfg.vocab_size)
+  clean = transformer.forward(params, GPT2, tokens)
+  np.testing.assert_allclose(transformer.forward(params, cfg, tokens), clean, atol=1e-6)
+  a = transformer.forward(params, cfg, tokens, rng=jax.random.key(1))
+  b = transformer.forward(params, cfg, tokens, rng=jax.random.key(1))
+  c = transformer.forward(params, cfg, tokens, rng=jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a - clean)).max() > 1e-3 and np.abs(np.asarray(a - c)).max() > 1e-3
+
+
+def test_gpt2_init_scales_residual_projections():
+  cfg = dataclasses.replace(GPT2, num_layers=8, d_model=256, d_ff=1024, num_heads=4, num_kv_heads=4)
+  params = params_for(cfg)
+  up = np.asarray(params["layers"]["mlp"]["up_proj"]["kernel"]).std()
+  down = np.asarray(params["layers"]["mlp"]["down_proj"]["kernel"]).std()
+  assert abs(up - 0.02) < 1e-3
+  assert abs(down - 0.02 / math.sqrt(16)) < 2e-4
+  assert np.all(np.asarray(params["layers"]["input_layernorm"]["scale"]) == 1)
+  assert np.all(np.asarray(params["layers"]["self_attn"]["q_proj"]["bias"]) == 0)
+
+
+def test_bf16_compute_keeps_float32_logits_and_params():
+  cfg = dataclasses.replace(LLAMA, dtype="bfloat16")
+  params = params_for(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = random_tokens((2, 8), cfg.vocab_size)
+  logits = transformer.forward(params, cfg, tokens)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, transformer.forward(params, LLAMA, tokens), atol=0.05)
+
+
+@BOTH
+def test_sharded_forward_equals_single_device(cfg):
+  assert jax.device_count() == 8
+  params = params_for(cfg)
+  tokens = random_tokens((4, 16), cfg.vocab_size)
+  single = transformer.forward(params, cfg, tokens)
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  shardings = sharding.param_shardings(mesh, transformer.logical_axes(cfg), transformer.abstract_params(cfg))
+  sharded_params = jax.device_put(params, shardings)
+  sharded_tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  assert sharded_params["layers"]["mlp"]["up_proj"]["kernel"].sharding.shard_shape((2, 64, 128)) == (2, 32, 64)
+  with jax.set_mesh(mesh):
+    out = jax.jit(transformer.forward, static_argnums=1)(sharded_params, cfg, sharded_tokens)
+  assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  np.testing.assert_allclose(out, single, atol=1e-5, rtol=1e-5)
+
+
+def inspect(*args):
+  result = subprocess.run([sys.executable, "-m", "llm_jax", "inspect", *args], capture_output=True, text=True,
+                          check=True)
+  return json.loads(result.stdout)
+
+
+def test_preset_parameter_counts_through_cli():
+  gpt2 = inspect("--preset", "gpt2-124m")
+  assert gpt2["params"] == 124_439_808
+  assert gpt2["non_embedding_params"] == 124_439_808 - 50257 * 768 - 1024 * 768
+  # 6 x (non-embedding + tied head) + attention at the reported seq_len
+  assert gpt2["flops_per_token"] == 6 * (gpt2["non_embedding_params"] + 50257 * 768) + 12 * 12 * gpt2["seq_len"] * 768
+  assert gpt2["param_bytes"] == 4 * 124_439_808
+  assert inspect("--preset", "llama2-7b")["params"] == 6_738_415_616
+  assert inspect("--preset", "llama3-8b")["params"] == 8_030_261_248
+
+
+def test_inspect_shardings_on_eight_devices(tmp_path):
+  out = inspect("--preset", "tiny-llama", "--shardings", "mesh.fsdp=4", "mesh.tensor=2")
+  assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+  q = out["shardings"]["layers.self_attn.q_proj.kernel"]
+  assert q["spec"] == [None, "fsdp", "tensor", None] and q["shard_shape"] == [2, 16, 2, 16]
+
+
+def test_indivisible_dimension_names_parameter_and_mesh():
+  cfg = dataclasses.replace(GPT2, vocab_size=255)
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+  with pytest.raises(sharding.ShardingError, match=r"embed_tokens.embedding of shape \(255, 64\).*'tensor': 2"):
+    sharding.param_shardings(mesh, transformer.logical_axes(cfg), transformer.abstract_params(cfg))
+
+
+def test_rule_collision_raises():
+  with pytest.raises(sharding.ShardingError, match="twice"):
+    sharding.logical_to_spec(("batch", "embed"))

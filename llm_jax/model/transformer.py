@@ -212,7 +212,10 @@ def block(x_BLD: jax.Array, p: Params, cfg: ModelConfig, mask_BLS: jax.Array, po
 def embed(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, positions_BL: jax.Array,
           rng: jax.Array | None = None) -> jax.Array:
   dtype = jnp.dtype(cfg.dtype)
-  x_BLD = params["embed_tokens"]["embedding"].astype(dtype)[tokens_BL]
+  # Gather from a replicated table: a gather from a (vocab, embed)-sharded one makes XLA
+  # rematerialize the whole table anyway, and with a warning.
+  table_VD = constrain(params["embed_tokens"]["embedding"], (None, None)).astype(dtype)
+  x_BLD = table_VD[tokens_BL]
   if cfg.position == "learned":
     x_BLD = x_BLD + params["embed_positions"]["embedding"].astype(dtype)[positions_BL]
   x_BLD = layers.dropout(x_BLD, cfg.embed_dropout, rng)
@@ -231,6 +234,25 @@ def unembed(params: Params, cfg: ModelConfig, x_BLD: jax.Array) -> jax.Array:
   return constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
+def _for_each_layer(params: Params, cfg: ModelConfig, one: Callable, x_BLD: jax.Array, carry: Any,
+                    rng: jax.Array | None) -> tuple[jax.Array, Any]:
+  """Calls `one(x, layer_params, layer_index, rng, carry) -> (x, carry)` for every block.
+
+  Scanned layouts run a `lax.scan` (the index is then traced); unscanned ones a Python loop.
+  `carry` rides through whole, not sliced per layer, so a KV cache in it is updated in place.
+  """
+  rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+  if is_scanned(params):
+    def step(state, inputs):
+      (x, c), (p, i, r) = state, inputs
+      return one(x, p, i, r, c), None
+    (x_BLD, carry), _ = jax.lax.scan(step, (x_BLD, carry), (params["layers"], jnp.arange(cfg.num_layers), rngs))
+    return x_BLD, carry
+  for i in range(cfg.num_layers):
+    x_BLD, carry = one(x_BLD, params["layers"][str(i)], i, None if rngs is None else rngs[i], carry)
+  return x_BLD, carry
+
+
 def apply_layers(params: Params, cfg: ModelConfig, x_BLD: jax.Array, mask_BLS: jax.Array,
                  positions_BL: jax.Array, rng: jax.Array | None = None) -> jax.Array:
   """Runs every block, scanned or unrolled as the parameter layout says, with remat as configured."""
@@ -239,16 +261,31 @@ def apply_layers(params: Params, cfg: ModelConfig, x_BLD: jax.Array, mask_BLS: j
 
   if cfg.remat != "none":
     one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat])
-  rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-  if is_scanned(params):
-    def step(x, inputs):
-      p, r = inputs
-      return one(x, p, r), None
-    x_BLD, _ = jax.lax.scan(step, x_BLD, (params["layers"], rngs))
-    return x_BLD
-  for i in range(cfg.num_layers):
-    x_BLD = one(x_BLD, params["layers"][str(i)], None if rngs is None else rngs[i])
+  x_BLD, _ = _for_each_layer(params, cfg, lambda x, p, i, r, c: (one(x, p, r), c), x_BLD, None, rng)
   return x_BLD
+
+
+def apply_layers_cached(params: Params, cfg: ModelConfig, x_BLD: jax.Array, mask_BLS: jax.Array,
+                        positions_BL: jax.Array, cache: Any, update_cache: Callable) -> tuple[jax.Array, Any]:
+  """`apply_layers` for inference with a KV cache: returns (x_BLD, updated cache).
+
+  `update_cache(cache, layer_index, k_BLGK, v_BLGK) -> (cache, k_BSGK, v_BSGK)` writes this
+  call's keys and values into the sampler's cache (whose layout this module does not know) and
+  returns what block `layer_index` attends to; `mask_BLS` must match those S keys. No dropout
+  and no remat: there are no gradients to save memory for.
+  """
+  def one(x, p, i, r, cache):
+    written = []  # the block calls kv_cache exactly once, during this trace
+
+    def kv_cache(k_BLGK, v_BLGK):
+      new_cache, k_BSGK, v_BSGK = update_cache(cache, i, k_BLGK, v_BLGK)
+      written.append(new_cache)
+      return k_BSGK, v_BSGK
+
+    x = block(x, p, cfg, mask_BLS, positions_BL, kv_cache=kv_cache)
+    return x, written[0]
+
+  return _for_each_layer(params, cfg, one, x_BLD, cache, None)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, *, segment_ids_BL: jax.Array | None = None,

@@ -1,0 +1,1 @@
+"""Training: state (state.py), the step (step.py), optimizers (optim.py), the loop (loop.py), logs (metrics.py)."""

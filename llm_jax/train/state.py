@@ -1,0 +1,62 @@
+"""The train state pytree, built sharded from shapes alone.
+
+`create` follows the abstract-first pattern: `jax.eval_shape` gives every leaf's shape, the
+logical axis rules give its sharding, and a jitted init writes each shard straight onto its
+device, so no host or device ever holds an unsharded copy of a large model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from llm_jax import sharding
+from llm_jax.config import ModelConfig
+from llm_jax.model import transformer
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # nested dict of float arrays (transformer.init_params layout)
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2] key for dropout; advanced every step
+
+
+def init(model: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """A fresh state; pure, so it can run under `jax.eval_shape` and `jax.jit`."""
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = transformer.init_params(model, init_rng)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def shardings(model: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """NamedSharding of every state leaf: optimizer moments shard like their parameters."""
+  abstract = jax.eval_shape(lambda: init(model, optimizer, 0))
+  param_shardings = sharding.param_shardings(mesh, transformer.logical_axes(model), abstract.params)
+  replicated = sharding.replicated(mesh)
+
+  def like_param(leaf, param_sharding: NamedSharding, param):
+    # Factored statistics (Adafactor) have other shapes than their parameter: replicate those.
+    return param_sharding if leaf.shape == param.shape else replicated
+
+  opt_shardings = optax.tree_map_params(
+      optimizer, like_param, abstract.opt_state, param_shardings, abstract.params,
+      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  return TrainState(replicated, param_shardings, opt_shardings, replicated)
+
+
+def abstract(model: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """ShapeDtypeStructs carrying their shardings: the target for a sharded restore."""
+  shapes = jax.eval_shape(lambda: init(model, optimizer, 0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings(model, optimizer, mesh))
+
+
+def create(model: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
+  """A fresh state whose every leaf is born in its sharding."""
+  out = shardings(model, optimizer, mesh)
+  return jax.jit(lambda: init(model, optimizer, seed), out_shardings=out)()

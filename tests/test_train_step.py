@@ -1,0 +1,139 @@
+"""The jitted train step: sharding invariance, accumulation, decay mask, schedules, one compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax import sharding
+from llm_jax.model import presets
+from llm_jax.train import optim
+from llm_jax.train import state as state_lib
+from llm_jax.train import step as step_lib
+
+
+def make_config(mesh=config_lib.MeshConfig(), **train):
+  return config_lib.Config(model=presets.get("tiny-llama"), mesh=mesh,
+                           optim=config_lib.OptimConfig(learning_rate=1e-2, warmup_steps=2),
+                           data=config_lib.DataConfig(seq_len=32),
+                           train=config_lib.TrainConfig(**{"batch_size": 8, "steps": 20, **train}))
+
+
+def synthetic_batch(batch_size, seq_len, vocab, seed):
+  tokens = np.asarray(jax.random.randint(jax.random.key(seed), (batch_size, seq_len + 1), 4, vocab), np.int32)
+  segments = np.ones((batch_size, seq_len), np.int32)
+  segments[:, seq_len // 2:] = 2  # two documents per row
+  positions = np.concatenate([np.arange(seq_len // 2)] * 2)[None].repeat(batch_size, 0).astype(np.int32)
+  mask = (np.roll(segments, -1, axis=1) == segments).astype(np.float32)
+  mask[:, -1] = 0
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments, "positions": positions,
+          "loss_mask": mask}
+
+
+def run(config, steps=5, devices=None):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  schedule = optim.schedule(config.optim, config.train.steps)
+  shardings = state_lib.shardings(config.model, optimizer, mesh)
+  state = state_lib.create(config.model, optimizer, mesh, seed=0)
+  train_step, _ = step_lib.compile_steps(config, optimizer, schedule, mesh, shardings)
+  losses = []
+  for i in range(steps):
+    batch = jax.device_put(synthetic_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size, i % 2),
+                           sharding.batch_sharding(mesh))
+    with jax.transfer_guard("disallow"):
+      state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses, train_step
+
+
+def test_sharded_run_equals_single_device():
+  assert jax.device_count() == 8
+  single_cfg = make_config(config_lib.MeshConfig(data=1, fsdp=1, tensor=1))
+  single_state, single_losses, _ = run(single_cfg, devices=jax.devices()[:1])
+  sharded_cfg = make_config(config_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded_state, sharded_losses, _ = run(sharded_cfg)
+  assert single_losses[-1] < single_losses[0] - 0.05  # it learns
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  spec = sharded_state.params["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               jax.device_get(sharded_state.params), jax.device_get(single_state.params))
+
+
+def test_microbatches_equal_one_large_batch():
+  """4 microbatches of 8 rows give the update of one batch of 32 rows."""
+  one_state, one_losses, _ = run(make_config(batch_size=32), steps=2)
+  acc_state, acc_losses, _ = run(make_config(batch_size=32, microbatches=4), steps=2)
+  np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
+               jax.device_get(acc_state.params), jax.device_get(one_state.params))
+
+
+def test_compiles_once_over_ten_steps():
+  _, _, train_step = run(make_config(), steps=10)
+  assert train_step.jitted._cache_size() == 1
+
+
+def test_weight_decay_mask_leaves_norms_and_biases():
+  params = jax.tree.map(np.asarray, state_lib.init(presets.get("tiny-gpt2"), optax.identity(), 0).params)
+  mask = optim.decay_mask(params)
+  assert mask["layers"]["mlp"]["up_proj"]["kernel"] is True
+  assert mask["layers"]["mlp"]["up_proj"]["bias"] is False
+  assert mask["layers"]["input_layernorm"]["scale"] is False and mask["norm"]["bias"] is False
+  assert mask["embed_tokens"]["embedding"] is False
+  assert optim.decay_mask(params, decay_embeddings=True)["embed_tokens"]["embedding"] is True
+  # With zero gradients, AdamW moves only decayed weights.
+  cfg = config_lib.OptimConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0)
+  opt = optim.make_optimizer(cfg, 10)
+  updates, _ = opt.update(jax.tree.map(np.zeros_like, params), opt.init(params), params)
+  assert np.all(np.asarray(updates["layers"]["input_layernorm"]["scale"]) == 0)
+  assert np.all(np.asarray(updates["layers"]["self_attn"]["q_proj"]["bias"]) == 0)
+  kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_allclose(updates["layers"]["mlp"]["up_proj"]["kernel"], -0.1 * 0.5 * kernel, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
+def test_every_optimizer_trains_sharded(name):
+  cfg = make_config(config_lib.MeshConfig(data=2, fsdp=4))
+  cfg = config_lib.replace(cfg, optim={"name": name, "learning_rate": 1e-2 if name != "sgd" else 0.3})
+  _, losses, _ = run(cfg, steps=4)
+  assert losses[-1] < losses[0]
+
+
+def test_schedule_values():
+  base = dict(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  cosine = optim.schedule(config_lib.OptimConfig(schedule="cosine", **base), 110)
+  assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
+  assert float(cosine(10)) == pytest.approx(1.0)
+  assert float(cosine(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # halfway down the cosine
+  assert float(cosine(110)) == pytest.approx(0.1, rel=1e-5)
+  linear = optim.schedule(config_lib.OptimConfig(schedule="linear", **base), 110)
+  assert float(linear(60)) == pytest.approx(0.55, rel=1e-5)
+  wsd = optim.schedule(config_lib.OptimConfig(schedule="wsd", decay_fraction=0.2, **base), 110)
+  assert float(wsd(50)) == 1.0 and float(wsd(90)) == 1.0
+  assert float(wsd(100)) == pytest.approx(0.55, rel=1e-5) and float(wsd(110)) == pytest.approx(0.1, rel=1e-5)
+  constant = optim.schedule(config_lib.OptimConfig(schedule="constant", **base), 110)
+  assert float(constant(5)) == pytest.approx(0.5) and float(constant(100)) == 1.0
+
+
+def test_loss_mask_and_z_loss():
+  config = make_config()
+  params = state_lib.init(config.model, optax.identity(), 0).params
+  batch = synthetic_batch(2, 32, config.model.vocab_size, 0)
+  total, aux = step_lib.loss_sums(params, config, batch)
+  assert float(aux["tokens"]) == batch["loss_mask"].sum() == 2 * 30
+  masked = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+  assert float(step_lib.loss_sums(params, config, masked)[0]) == 0.0
+  # Cross-entropy by hand on the unmasked positions.
+  from llm_jax.model import transformer
+  logits = transformer.forward(params, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
+                               positions_BL=batch["positions"])
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(total, (nll * batch["loss_mask"]).sum(), rtol=1e-5)
+  z_cfg = config_lib.replace(config, train={"z_loss": 1e-2})
+  log_z = jax.nn.logsumexp(logits, -1)
+  np.testing.assert_allclose(step_lib.loss_sums(params, z_cfg, batch)[0],
+                             total + 1e-2 * (log_z**2 * batch["loss_mask"]).sum(), rtol=1e-5)

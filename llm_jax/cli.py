@@ -27,8 +27,9 @@ def _load_config(args: argparse.Namespace) -> config_lib.Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+  config = _load_config(args)  # config errors first, before the heavy imports
   from llm_jax.train import loop
-  loop.train(_load_config(args), args.workdir, fresh=args.fresh)
+  loop.train(config, args.workdir, fresh=args.fresh)
   return 0
 
 

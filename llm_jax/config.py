@@ -213,10 +213,9 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
-  close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-  if not close:  # a right field under a wrong section still deserves a hint
-    tail = key.rsplit(".", 1)[-1]
-    close = [k for k in known if k.rsplit(".", 1)[-1] == tail][:3]
+  tail = key.rsplit(".", 1)[-1]
+  same_field = [k for k in known if k.rsplit(".", 1)[-1] == tail]  # right field, wrong section
+  close = list(dict.fromkeys(same_field + difflib.get_close_matches(key, known, n=3, cutoff=0.5)))[:3]
   hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid sections: {sorted({k.split('.')[0] for k in known})}"
   return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -224,9 +223,10 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 def override(config: Config, assignments: list[str] | dict[str, Any]) -> Config:
   """Applies `section.key=value` strings (or a {key: value} dict) and returns a new Config.
 
-  Strings are parsed to the field's type; dict values must already have it.
+  Strings are parsed to the field's type; dict values (from JSON or Python) must already have it.
   """
-  items = assignments.items() if isinstance(assignments, dict) else [_split(a) for a in assignments]
+  from_text = not isinstance(assignments, dict)
+  items = [_split(a) for a in assignments] if from_text else assignments.items()
   known = all_keys(config)
   for key, value in items:
     if key not in known:
@@ -234,7 +234,7 @@ def override(config: Config, assignments: list[str] | dict[str, Any]) -> Config:
     section_name, name = key.split(".", 1)
     section = getattr(config, section_name)
     kind = _field_type(type(section), name)
-    value = _parse(key, value, kind) if isinstance(value, str) and kind is not str else _coerce(key, value, kind)
+    value = _parse(key, value, kind) if from_text else _coerce(key, value, kind)
     config = dataclasses.replace(config, **{section_name: dataclasses.replace(section, **{name: value})})
   check_choices(config)
   return config

@@ -1,0 +1,52 @@
+"""The main job: a ~11M-parameter GPT-2-style model on Tiny Shakespeare, bytes as tokens.
+
+Trains on a 2-core CPU in a few minutes (loss from ~5.6 to ~2.5), then prints a sample:
+
+  llm-jax train --config configs/tiny_shakespeare.py --workdir runs/shakespeare
+
+Offline, first build the TFDS dataset from a local copy of its input.txt:
+
+  llm-jax data prepare tiny_shakespeare --from-file ../shared/data/tiny_shakespeare/input.txt \
+      --data-dir ~/tensorflow_datasets
+
+For a quick debug run add overrides, e.g. `model.num_layers=2 train.steps=20`.
+"""
+
+from llm_jax import config as config_lib
+from llm_jax.model import presets
+
+
+def get_config() -> config_lib.Config:
+  model = config_lib.replace(
+      config_lib.Config(model=presets.get("gpt-10m")),
+      model=dict(
+          vocab_size=512,  # 260 byte-level ids, padded to a multiple of 128 for fast matmuls
+          max_len=256,  # learned positions
+      )).model
+  return config_lib.Config(
+      model=model,
+      mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1),  # FSDP over every device there is
+      optim=config_lib.OptimConfig(
+          name="adamw",
+          learning_rate=2e-3,  # small model, short run: a high peak
+          schedule="cosine",
+          warmup_steps=20,
+          weight_decay=0.1,
+          grad_clip=1.0,
+      ),
+      data=config_lib.DataConfig(
+          source="tfds:tiny_shakespeare",  # train split; eval uses its validation split
+          tfds_data_dir="",  # "" = ~/tensorflow_datasets
+          tokenizer="byte",
+          seq_len=256,
+      ),
+      train=config_lib.TrainConfig(
+          steps=150,
+          batch_size=16,  # global: 16 x 256 = 4,096 tokens a step
+          log_every=10,
+          eval_every=50,
+          eval_batches=4,
+          checkpoint_every=50,
+      ),
+      sample=config_lib.SampleConfig(prompt="ROMEO:", max_new_tokens=200, temperature=0.8, top_k=40),
+  )

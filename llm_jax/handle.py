@@ -1,0 +1,80 @@
+"""`llm_jax.load(path)`: a trained or converted model, ready for notebooks and eval scripts.
+
+    m = llm_jax.load("runs/shakespeare")
+    m.generate(["ROMEO:"], max_new_tokens=50)
+    m.logits([[1, 2, 3]])  # np.ndarray [B, L, V], float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import checkpoint
+from llm_jax import config as config_lib
+from llm_jax.model import transformer
+
+
+@dataclasses.dataclass
+class Model:
+  """Parameters, config and tokenizer of one model; no optimizer state."""
+
+  config: config_lib.Config
+  params: Any
+  tokenizer: Any = None  # llm_jax.data.tokenizer.Tokenizer, when the workdir holds one
+
+  @functools.cached_property
+  def _forward(self):
+    return jax.jit(functools.partial(transformer.forward, cfg=self.config.model))
+
+  def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """Float32 logits [B, L, V] of equal-length rows of token ids."""
+    tokens = jnp.asarray(np.asarray(token_ids, dtype=np.int32))
+    return np.asarray(self._forward(self.params, tokens_BL=tokens))
+
+  def log_likelihood(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, bool]:
+    """(log p(continuation | context), whether greedy decoding would produce the continuation).
+
+    The call that multiple-choice evaluation and lm-eval-harness adapters are built on.
+    """
+    tokens = list(context) + list(continuation)
+    logits = self.logits([tokens[:-1]])[0, len(context) - 1:]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target = np.asarray(continuation)
+    total = float(np.asarray(log_probs)[np.arange(len(target)), target].sum())
+    return total, bool((np.argmax(logits, axis=-1) == target).all())
+
+  def generate(self, prompts: Sequence[str], **kwargs) -> list:
+    """Texts (or, with return_details=True, dicts with ids and log-probs) for each prompt.
+
+    Keyword arguments: max_new_tokens, temperature, top_k, top_p, num_beams, seed, stop.
+    """
+    from llm_jax import sampling
+    if self.tokenizer is None:
+      raise checkpoint.CheckpointError("this checkpoint has no tokenizer file beside it; generate from token ids "
+                                       "with llm_jax.sampling.generate instead")
+    return sampling.generate_text(self.params, self.config.model, self.tokenizer, list(prompts), **kwargs)
+
+
+def find_tokenizer(path: pathlib.Path):
+  """The tokenizer saved beside a checkpoint: in the folder itself or in its run's workdir."""
+  for folder in (path, *path.parents[:3]):
+    if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+      from llm_jax.data import tokenizer
+      return tokenizer.load_from_workdir(folder)
+  return None
+
+
+def load(path: str | pathlib.Path, model: config_lib.ModelConfig | None = None) -> Model:
+  """Restores a workdir's latest checkpoint, one step's checkpoint or an export, parameters only.
+
+  `model` may change run-time fields (compute dtype, scan layout); the architecture must match.
+  """
+  params, config = checkpoint.restore_params(path, model)
+  return Model(config=config, params=params, tokenizer=find_tokenizer(pathlib.Path(path).absolute()))

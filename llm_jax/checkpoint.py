@@ -15,6 +15,7 @@ restore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -104,7 +105,8 @@ class Checkpointer:
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
         data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config_lib.to_dict(config)))
-    self._manager.save(step, args=args, metrics=metrics, force=True)
+    with self._failures_reported():  # the previous save's error surfaces here at the latest
+      self._manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, targets: Callable[[config_lib.ModelConfig], tuple[Any, Any]],
               model: config_lib.ModelConfig) -> tuple[Any, Any, dict]:
@@ -133,7 +135,22 @@ class Checkpointer:
     return config_lib.from_dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failures_reported():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _failures_reported(self):
+    """A failed save (disk full, quota, permissions) stops the run with one clear line.
+
+    Orbax writes into a temporary folder, so the earlier checkpoints are untouched.
+    """
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      first_line = (str(e) or type(e).__name__).splitlines()[0]
+      reason = first_line if len(first_line) <= 240 else "..." + first_line[-200:]  # the OS error is at the end
+      raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({reason}); the earlier checkpoints "
+                            f"there are intact: free disk space (or fix the folder) and rerun to resume") from e
 
   def close(self) -> None:
     self._manager.close()

@@ -1,0 +1,99 @@
+"""Train-step throughput on random tokens; prints one JSON line.
+
+  python scripts/bench_train.py --preset gpt-10m            # CPU figure of record
+  python scripts/bench_train.py --preset gpt2-124m --dtype bfloat16 --batch-size 32 --seq-len 1024  # GPU
+
+gpt-10m is fixed: 6 layers, 6 heads, d_model 384, d_ff 1536, seq_len 256, vocab 8192, global
+batch 8, AdamW, float32. MFU uses the FLOP convention of llm_jax.model.stats against the peak
+of llm_jax.train.metrics (on CPU, a float32 matmul rate measured in this same run). Imports
+nothing from the data pipeline, so it runs where grain and TFDS are not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from llm_jax import config as config_lib
+from llm_jax import sharding
+from llm_jax.model import presets, stats
+from llm_jax.train import metrics, optim
+from llm_jax.train import state as state_lib
+from llm_jax.train import step as step_lib
+
+DEFAULTS = {"gpt-10m": dict(batch_size=8, seq_len=256)}
+
+
+def random_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+          "loss_mask": np.ones((batch, seq_len), np.float32)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="gpt-10m")
+  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--seq-len", type=int)
+  parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
+  parser.add_argument("--dtype", default="float32", help="compute dtype")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+  args = parser.parse_args()
+
+  defaults = DEFAULTS.get(args.preset, dict(batch_size=8, seq_len=1024))
+  batch_size = args.batch_size or defaults["batch_size"]
+  seq_len = args.seq_len or defaults["seq_len"]
+  model = presets.get(args.preset)
+  config = config_lib.Config(model=model, data=config_lib.DataConfig(seq_len=seq_len),
+                             train=config_lib.TrainConfig(batch_size=batch_size, steps=1000))
+  config = config_lib.override(config, {"model.dtype": args.dtype, "model.max_len": max(model.max_len, seq_len)})
+  config = config_lib.override(config, args.overrides)
+  config_lib.validate(config, jax.device_count())
+
+  peak, peak_source = metrics.peak_flops()
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  schedule = optim.schedule(config.optim, config.train.steps)
+  shardings = state_lib.shardings(config.model, optimizer, mesh)
+  state = state_lib.create(config.model, optimizer, mesh, config.train.seed)
+  train_step, _ = step_lib.compile_steps(config, optimizer, schedule, mesh, shardings)
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put(random_batch(rng, batch_size, seq_len, config.model.vocab_size),
+                            sharding.batch_sharding(mesh)) for _ in range(4)]
+
+  start = time.perf_counter()
+  state, out = train_step(state, batches[0])
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - start
+  state, out = train_step(state, batches[1])
+  jax.block_until_ready(out)
+
+  times = []
+  for i in range(args.steps):
+    start = time.perf_counter()
+    state, out = train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  tokens_per_sec = batch_size * seq_len / step_time
+  flops = stats.flops_per_token(config.model, seq_len)
+  print(json.dumps({
+      "preset": args.preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(), "dtype": args.dtype, "batch_size": batch_size, "seq_len": seq_len,
+      "params": stats.count_params(config.model)["params"], "tokens_per_sec": round(tokens_per_sec, 1),
+      "step_time_s": round(step_time, 4), "compile_s": round(compile_s, 2),
+      "mfu": round(flops * tokens_per_sec / peak, 4), "peak_flops": peak, "peak_source": peak_source,
+      "flops_per_token": flops, "loss": float(out["loss"]),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+  }))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Weights in and out of other ecosystems: `hf` converts to and from Hugging Face transformers."""

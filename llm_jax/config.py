@@ -111,7 +111,8 @@ class DataConfig:
   tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
   seq_len: int = 256
   text_split: str = "file"  # text:GLOB documents: "file" or "blank_line"
-  text_field: str = "text"  # jsonl:GLOB field holding the document
+  text_field: str = "text"  # jsonl:GLOB field holding the document (and the TFDS feature read)
+  chunk_chars: int = 0  # longer documents are cut at line breaks into pieces shuffled apart; 0 = 32 x seq_len
   worker_count: int = 0  # grain worker processes; 0 reads in the main process
   prefetch: int = 2  # batches prepared ahead of the step
 

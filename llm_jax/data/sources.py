@@ -1,0 +1,419 @@
+"""Documents from `data.source`: TFDS datasets, local text files or JSON lines.
+
+`load(data, split)` returns `Documents`, a random-access sequence of pieces `(text, ends_document)`
+that the pipeline shuffles, tokenizes and packs. Sources:
+
+- `tfds:NAME[:SPLIT]` (`data.tfds_data_dir`): array_record datasets through `tfds.data_source`,
+  with no TensorFlow needed; datasets stored as tfrecord go through tf.data, which needs the
+  `tf` extra. A missing dataset is downloaded when the machine is online; offline, the error names
+  `llm-jax data prepare`, which builds tiny_shakespeare from a local copy of its input.txt.
+- `text:GLOB`: one document per file, or per block of lines between blank lines
+  (`data.text_split`); files are read as strict UTF-8, and a bad byte is reported with its offset.
+- `jsonl:GLOB`: one document per line, the string field `data.text_field`.
+
+Pieces: a document longer than `data.chunk_chars` characters (default 32 x seq_len) is cut, after
+a newline where one is near, into pieces that are shuffled apart like documents. TFDS
+tiny_shakespeare holds each split as one example of a million characters: without cutting, a
+"shuffle" of its train split would be no shuffle at all. Only the last piece of a document ends it
+(the pipeline appends eos there); the others end without eos, so the model never learns to stop
+mid-text. Cutting loses only the attention across the cut, which a row boundary loses anyway.
+
+Evaluation (`split="eval"`): `data.eval_source` when set; else the dataset's own validation split
+(TFDS); else `data.eval_fraction` of the pieces, evenly spaced through the data (deterministic and
+independent of the seed), which the train split then leaves out.
+
+Local sources are read into memory at start; TFDS splits are read lazily by index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import socket
+from typing import Sequence
+
+import numpy as np
+
+from llm_jax.config import DataConfig
+from llm_jax.errors import UserError
+
+Piece = tuple[str, bool]  # (text, whether it ends its document)
+
+_TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+_PREPARABLE = ("tiny_shakespeare",)
+_BLOCK = re.compile(r"(?:^[^\n]*\S[^\n]*(?:\n|\Z))+", re.MULTILINE)  # a run of lines that are not blank
+_LAST_BREAK = re.compile(r"\r?\n\Z")
+_SPLIT_NAMES = re.compile(r"(?:^|\+)\s*(\w+)")
+_TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$")
+
+
+class DataError(UserError):
+  """A data source that is missing, empty, unreadable or misconfigured."""
+
+
+class Documents(Sequence[Piece]):
+  """Pieces of documents in a fixed order; `name` says where they came from, for messages."""
+
+  name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pieces(Documents):
+  """Pieces held in memory (local files, or a split read in full)."""
+
+  name: str
+  pieces: Sequence[Piece]
+
+  def __len__(self) -> int:
+    return len(self.pieces)
+
+  def __getitem__(self, index: int) -> Piece:
+    return self.pieces[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subset(Documents):
+  """The pieces of `parent` at `indices` (a held-out or kept part)."""
+
+  name: str
+  parent: Documents
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> Piece:
+    return self.parent[int(self.indices[index])]
+
+
+class _TfdsExamples(Documents):
+  """Examples of a random-access TFDS split, each a piece; giant ones cut via `spans`.
+
+  `spans` lists (example, start, end, is_last) when examples are cut; one decoded example is
+  cached, because the cut pieces of one example are read one after another.
+  """
+
+  def __init__(self, name: str, source: Sequence, field: str, spans: list[tuple[int, int, int, bool]] | None):
+    self.name, self._source, self._field, self._spans = name, source, field, spans
+    self._cached: tuple[int, str] | None = None
+
+  def __len__(self) -> int:
+    return len(self._spans) if self._spans is not None else len(self._source)
+
+  def __getitem__(self, index: int) -> Piece:
+    if self._spans is None:
+      return self.text(index), True
+    example, start, end, last = self._spans[index]
+    return self.text(example)[start:end], last
+
+  def text(self, example: int) -> str:
+    if self._cached is None or self._cached[0] != example:
+      self._cached = (example, _decode(self._source[example][self._field], f"{self.name} example {example}"))
+    return self._cached[1]
+
+  def __getstate__(self) -> dict:  # the cache stays behind when pickled into a worker
+    return {**self.__dict__, "_cached": None}
+
+
+def _decode(value: bytes | str, where: str) -> str:
+  if isinstance(value, str):
+    return value
+  try:
+    return value.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{where}: invalid UTF-8 at byte offset {e.start}; re-encode the data as UTF-8") from None
+  except AttributeError:
+    raise DataError(f"{where}: the field is {type(value).__name__}, not text; set data.text_field to a text feature") from None
+
+
+def chunk_spans(text: str, max_chars: int) -> list[tuple[int, int]]:
+  """(start, end) of pieces of at most max_chars that tile `text`, cut after a newline in the
+  second half of each window when there is one, else at max_chars."""
+  spans, start = [], 0
+  while len(text) - start > max_chars:
+    cut = text.rfind("\n", start + max_chars // 2, start + max_chars)
+    end = cut + 1 if cut >= 0 else start + max_chars
+    spans.append((start, end))
+    start = end
+  if start < len(text):
+    spans.append((start, len(text)))
+  return spans
+
+
+def _pieces(texts: Sequence[str], max_chars: int) -> list[Piece]:
+  out = []
+  for text in texts:
+    spans = chunk_spans(text, max_chars)
+    out += [(text[a:b], i == len(spans) - 1) for i, (a, b) in enumerate(spans)]
+  return out
+
+
+def _chunk_chars(data: DataConfig) -> int:
+  if data.chunk_chars < 0:
+    raise DataError(f"data.chunk_chars={data.chunk_chars}: expected 0 (auto) or a positive number of characters")
+  return data.chunk_chars or 32 * data.seq_len
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _files(scheme: str, pattern: str) -> list[pathlib.Path]:
+  matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  files = [pathlib.Path(p) for p in matches if os.path.isfile(p)]
+  if not files:
+    hint = f"only directories match; use {pattern.rstrip('/')}/*" if matches else f"check the path (from {os.getcwd()})"
+    raise DataError(f"data source {scheme}:{pattern} matches no file; {hint}")
+  return files
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}; convert it, e.g. "
+                    f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+
+
+def _text_documents(pattern: str, text_split: str) -> list[str]:
+  documents = []
+  for path in _files("text", pattern):
+    text = _read_text(path)
+    if text_split == "blank_line":  # blocks of lines, without the line break after the last
+      documents += [_LAST_BREAK.sub("", block) for block in _BLOCK.findall(text)]
+    else:
+      documents.append(text)
+  return [d for d in documents if d.strip()]
+
+
+def _jsonl_documents(pattern: str, field: str) -> list[str]:
+  documents = []
+  for path in _files("jsonl", pattern):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: not JSON ({e.msg}); each line must be one JSON object") from None
+      text = record.get(field) if isinstance(record, dict) else None
+      if not isinstance(text, str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{path}:{number}: no string field {field!r} (found {keys}); set data.text_field")
+      if text.strip():
+        documents.append(text)
+  return documents
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_dir(data_dir: str) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+
+
+def _missing_message(name: str, data_dir: str) -> str:
+  where = _tfds_dir(data_dir)
+  if name in _PREPARABLE:
+    return (f"TFDS dataset {name} is not in {where} and cannot be downloaded offline; build it from a local copy: "
+            f"llm-jax data prepare {name} --from-file input.txt --data-dir {where}")
+  return (f"TFDS dataset {name} is not in {where} and cannot be downloaded offline; build it on a machine with "
+          f"internet (tfds build {name} --file_format=array_record --data_dir DIR) and copy DIR to {where}")
+
+
+def _online(host: str) -> bool:
+  """Whether `host` answers: checked first, because an offline TFDS download retries for minutes."""
+  try:
+    socket.create_connection((host, 443), timeout=5).close()
+    return True
+  except OSError:
+    return False
+
+
+def _download(name: str, data_dir: str) -> None:
+  import tensorflow_datasets as tfds
+  if name == "tiny_shakespeare":
+    builder, host = _tiny_shakespeare_builder(None, data_dir), "raw.githubusercontent.com"
+  else:
+    builder, host = tfds.builder(name, data_dir=data_dir or None, file_format="array_record"), "storage.googleapis.com"
+  if not _online(host):
+    raise DataError(_missing_message(name, data_dir))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+      raise
+    raise DataError(f"preparing TFDS dataset {name} needs TensorFlow: pip install 'llm-jax[tf]'") from None
+  except OSError:  # requests' ConnectionError is an OSError
+    raise DataError(_missing_message(name, data_dir)) from None
+
+
+def _tfds_builder(name: str, data_dir: str):
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f"TFDS has no dataset {name!r}; see https://www.tensorflow.org/datasets/catalog") from None
+  if not builder.is_prepared():
+    _download(name, data_dir)
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  return builder
+
+
+def _tfds_examples(name: str, split: str, data: DataConfig) -> _TfdsExamples:
+  import tensorflow_datasets as tfds
+  builder = _tfds_builder(name, data.tfds_data_dir)
+  label = f"tfds:{name}:{split}"
+  if data.text_field not in builder.info.features:
+    raise DataError(f"{label} has no feature {data.text_field!r} (it has {sorted(builder.info.features)}); "
+                    "set data.text_field")
+  names = _SPLIT_NAMES.findall(split)  # "train[:90%]+validation" names train and validation
+  unknown = [n for n in names if n not in builder.info.splits]
+  if unknown or not names:
+    raise DataError(f"{label}: no split {', '.join(unknown) or split!r}; {name} has {sorted(builder.info.splits)}")
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    source = _read_tfrecord(builder, name, split, data.text_field)
+  else:
+    source = builder.as_data_source(split=split)
+  chunk = _chunk_chars(data)
+  examples = _TfdsExamples(label, source, data.text_field, None)
+  split_bytes = sum(builder.info.splits[n].num_bytes for n in names)
+  split_examples = sum(builder.info.splits[n].num_examples for n in names)
+  if split_examples and split_bytes / split_examples > chunk:  # giant examples: cut them
+    spans = []
+    for example in range(len(source)):
+      cuts = chunk_spans(examples.text(example), chunk)
+      spans += [(example, a, b, i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)]
+    examples = _TfdsExamples(label, source, data.text_field, spans)
+  return examples
+
+
+def _read_tfrecord(builder, name: str, split: str, field: str) -> list[dict]:
+  """tfrecord datasets have no random access: read the split through tf.data, into memory."""
+  if importlib.util.find_spec("tensorflow") is None:
+    raise DataError(f"TFDS dataset {name} is stored as tfrecord, which needs TensorFlow to read: "
+                    "pip install 'llm-jax[tf]' (or rebuild it with --file_format=array_record)")
+  import tensorflow_datasets as tfds
+  return [{field: example[field]} for example in tfds.as_numpy(builder.as_dataset(split=split))]
+
+
+def _has_split(name: str, split: str, data_dir: str) -> bool:
+  return split in _tfds_builder(name, data_dir).info.splits
+
+
+def prepare(name: str, from_file: str, data_dir: str) -> str:
+  """Builds TFDS dataset `name` in `data_dir` from a local copy of its source file, offline and
+  without TensorFlow; returns the dataset's directory."""
+  if name not in _PREPARABLE:
+    raise DataError(f"llm-jax data prepare knows {', '.join(_PREPARABLE)}, not {name!r}")
+  if not os.path.isfile(from_file):
+    raise DataError(f"--from-file {from_file}: no such file; pass the dataset's input.txt")
+  import tensorflow_datasets as tfds
+  builder = _tiny_shakespeare_builder(from_file, data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return str(builder.data_dir)
+
+
+def _tiny_shakespeare_builder(source_file: str | None, data_dir: str):
+  """The stock TFDS tiny_shakespeare builder with its download step replaced.
+
+  The stock `_split_generators` fetches input.txt and reads it through `tf.io.gfile`, which needs
+  TensorFlow; this one takes a local file (or downloads with TFDS's own download manager) and
+  reads it with Python, then splits exactly as the stock builder does: the first 90% of the
+  characters for train, then 5% validation and 5% test, each one example. Dataset name,
+  version, features and metadata are the stock builder's, so the result is the real dataset.
+  """
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.datasets.tiny_shakespeare import tiny_shakespeare_dataset_builder as stock
+
+  class OfflineTinyShakespeare(stock.Builder, skip_registration=True):
+    name = "tiny_shakespeare"
+    pkg_dir_path = stock.Builder._get_pkg_dir_path()  # the stock metadata (description, citation)
+
+    def _split_generators(self, dl_manager):
+      path = source_file or dl_manager.download(_TINY_SHAKESPEARE_URL)
+      with open(path, encoding="utf-8", newline="") as f:  # tf.io.gfile keeps newlines as they are too
+        text = f.read()
+      i = int(len(text) * 0.9)
+      train, rest = text[:i], text[i:]
+      i = int(len(rest) * 0.5)
+      splits = {"train": train, "validation": rest[:i], "test": rest[i:]}
+      return [tfds.core.SplitGenerator(name=split, gen_kwargs={"split_key": split, "split_text": text})
+              for split, text in splits.items()]
+
+  return OfflineTinyShakespeare(data_dir=data_dir or None, file_format="array_record")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _parse(spec: str) -> tuple[str, str]:
+  scheme, sep, rest = spec.partition(":")
+  if not sep or scheme not in ("tfds", "text", "jsonl") or not rest:
+    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB")
+  return scheme, rest
+
+
+def _open(spec: str, data: DataConfig, default_split: str) -> Documents:
+  scheme, rest = _parse(spec)
+  if scheme == "tfds":
+    match = _TFDS_SPEC.match(rest)
+    if not match:
+      raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
+    return _tfds_examples(match["name"], match["split"] or default_split, data)
+  texts = _text_documents(rest, data.text_split) if scheme == "text" else _jsonl_documents(rest, data.text_field)
+  return _Pieces(spec, _pieces(texts, _chunk_chars(data)))
+
+
+def _own_validation(data: DataConfig) -> str | None:
+  """`tfds:NAME:validation` when data.source is a TFDS dataset with a validation split."""
+  scheme, rest = _parse(data.source)
+  match = _TFDS_SPEC.match(rest) if scheme == "tfds" else None
+  if match and _has_split(match["name"], "validation", data.tfds_data_dir):
+    return f"tfds:{match['name']}:validation"
+  return None
+
+
+def held_out(count: int, fraction: float) -> np.ndarray:
+  """Indices of the evaluation pieces: round(fraction x count), at least one, evenly spaced."""
+  if not 0 < fraction < 1 or count < 2:
+    return np.zeros(0, dtype=np.int64)
+  n = min(count - 1, max(1, round(fraction * count)))
+  return ((np.arange(n) + 0.5) * count / n).astype(np.int64)
+
+
+def load(data: DataConfig, split: str) -> Documents:
+  """The pieces of the train or eval split of `data.source` (see the module docstring)."""
+  if split not in ("train", "eval"):
+    raise DataError(f"split {split!r}: expected train or eval")
+  if split == "eval" and data.eval_source:
+    return _check_nonempty(_open(data.eval_source, data, "validation"))
+  validation = None if data.eval_source else _own_validation(data)
+  if split == "eval" and validation:
+    return _check_nonempty(_open(validation, data, "validation"))
+  docs = _check_nonempty(_open(data.source, data, "train"))
+  if data.eval_source or validation:
+    return docs
+  eval_indices = held_out(len(docs), data.eval_fraction)
+  if split == "eval":
+    if not len(eval_indices):
+      raise DataError(f"{docs.name} has no evaluation data ({len(docs)} piece(s), data.eval_fraction="
+                      f"{data.eval_fraction}); set data.eval_source or a data.eval_fraction between 0 and 1")
+    return _Subset(f"{docs.name} (held out)", docs, eval_indices)
+  if not len(eval_indices):
+    return docs
+  return _Subset(docs.name, docs, np.setdiff1d(np.arange(len(docs)), eval_indices))
+
+
+def _check_nonempty(docs: Documents) -> Documents:
+  if not len(docs):
+    raise DataError(f"{docs.name} holds no text; point data.source at a non-empty dataset")
+  return docs

@@ -1,0 +1,349 @@
+"""Packed, sharded, resumable batches: documents -> tokens -> rows of seq_len -> global arrays.
+
+Each batch is a dict of [B, L] arrays (B the global batch size, L = data.seq_len):
+
+  inputs       int32    token ids
+  targets      int32    the next token in the same row (0 after the last position)
+  segment_ids  int32    1, 2, ... for each piece of text in the row (0 would be padding; rows are always full)
+  positions    int32    0, 1, ... restarting at the start of every segment
+  loss_mask    float32  1 where the target is the next token of the same segment: 0 at the row's end and at
+                        every boundary, so no row ever trains one document to predict another
+
+How rows are made. Row slot r of the global batch (r < B) is a stream of its own: it reads the
+pieces at positions r, r + B, r + 2B, ... of the ordered piece sequence, tokenizes each, appends
+eos after a document's last piece, and cuts the concatenation into consecutive rows of exactly L
+tokens. The ordered sequence is the pieces in a new seeded permutation every epoch (train,
+`grain.MapDataset.shuffle` + `repeat`) or in their order, cycled (eval). A document longer than
+the room left in a row continues in the same slot of the next batch, as a new segment whose
+positions restart at 0: its first part is not visible there (another row), and positions that
+start at 0 match what the model sees at inference and never exceed L (learned position tables
+have exactly max_len entries). Nothing is dropped and nothing padded; epochs run on forever.
+
+Why a stream per slot: rows depend only on (data, seed, B, L), never on how many processes,
+devices or workers build them. Each process builds just the slots its devices hold (from the
+mesh's sharding), so it reads only its share of the data, and the global array is the same as
+one process would build; grain workers split a process's slots the same way. The iterator state
+is two integers per slot (the piece index and the tokens of it already used), so `set_state`
+resumes exactly, without replaying the past.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import sys
+import weakref
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax.config import DataConfig
+from llm_jax.data import sources
+from llm_jax.data.sources import DataError, Documents
+from llm_jax.data.tokenizer import Tokenizer
+
+Batch = dict[str, Any]  # numpy arrays on the host (mesh=None) or global jax.Arrays
+_BATCH_AXES = ("data", "fsdp")
+_COUNT_CHUNK = 256  # pieces tokenized per call while counting a split's tokens
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+  """One row slot: `doc` is the stream's current piece (its j-th), `offset` the tokens of it used."""
+
+  __slots__ = ("row", "doc", "offset", "pending")
+
+  def __init__(self, row: int):
+    self.row, self.doc, self.offset = row, 0, 0
+    self.pending: collections.deque[np.ndarray] = collections.deque()  # tokens of pieces doc, doc+1, ...
+
+  def buffered(self) -> int:
+    return sum(len(ids) for ids in self.pending) - self.offset
+
+
+class _RowsIterator(grain.DatasetIterator):
+  """Builds the rows of `streams` for one batch after another (see the module docstring)."""
+
+  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
+    super().__init__()
+    self._docs, self._tokenizer, self._B, self._L = docs, tokenizer, batch_size, seq_len
+    self._streams = [_Stream(row) for row in rows]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._tokenize_ahead()
+    return batch_fields(*self._take_rows())
+
+  def _tokenize_ahead(self) -> None:
+    """Tokenizes, a batch of pieces per call, until every stream holds a full row."""
+    while short := [s for s in self._streams if s.buffered() < self._L]:
+      pieces = [self._docs[s.row + (s.doc + len(s.pending)) * self._B] for s in short]
+      for stream, ids, (_, ends) in zip(short, self._tokenizer.encode_batch([text for text, _ in pieces]), pieces):
+        stream.pending.append(np.append(ids, np.int32(self._tokenizer.eos_id)) if ends else ids)
+
+  def _take_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    inputs_RL = np.empty((len(self._streams), self._L), np.int32)
+    segments_RL = np.empty_like(inputs_RL)
+    for i, stream in enumerate(self._streams):
+      filled, segment = 0, 1
+      while filled < self._L:
+        ids = stream.pending[0]
+        n = min(self._L - filled, len(ids) - stream.offset)
+        inputs_RL[i, filled:filled + n] = ids[stream.offset:stream.offset + n]
+        segments_RL[i, filled:filled + n] = segment
+        filled, segment, stream.offset = filled + n, segment + 1, stream.offset + n
+        if stream.offset == len(ids):
+          stream.pending.popleft()
+          stream.doc, stream.offset = stream.doc + 1, 0
+    return inputs_RL, segments_RL
+
+  def get_state(self) -> dict[str, Any]:
+    return {"streams": [[s.doc, s.offset] for s in self._streams]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state["streams"]) != len(self._streams):
+      raise DataError(f"data iterator state holds {len(state['streams'])} rows, this process reads "
+                      f"{len(self._streams)}; resume with the same train.batch_size, processes and mesh")
+    for stream, (doc, offset) in zip(self._streams, state["streams"]):
+      stream.doc, stream.offset = int(doc), int(offset)
+      stream.pending.clear()
+
+
+class _PackedRows(grain.IterDataset):
+  """The rows of slots `rows`; a grain worker narrows them to its share through `set_slice`."""
+
+  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
+    super().__init__(docs)
+    self._docs, self._tokenizer, self._rows = docs, tokenizer, tuple(rows)
+    self._B, self._L = batch_size, seq_len
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice  # a worker's rows are a strided share either way: the batch is the same
+    self._rows = self._rows[sl]
+
+  def __iter__(self) -> _RowsIterator:
+    return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+
+
+def batch_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray) -> dict[str, np.ndarray]:
+  """The batch dict (module docstring) from packed token ids and their segment ids."""
+  B, L = inputs_BL.shape
+  starts_BL = np.ones((B, L), bool)
+  starts_BL[:, 1:] = segments_BL[:, 1:] != segments_BL[:, :-1]
+  index_BL = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
+  positions_BL = index_BL - np.maximum.accumulate(np.where(starts_BL, index_BL, 0), axis=1)
+  targets_BL = np.zeros_like(inputs_BL)
+  targets_BL[:, :-1] = inputs_BL[:, 1:]
+  loss_mask_BL = np.zeros((B, L), np.float32)
+  loss_mask_BL[:, :-1] = ~starts_BL[:, 1:] & (segments_BL[:, :-1] != 0)
+  return {"inputs": inputs_BL, "targets": targets_BL, "segment_ids": segments_BL,
+          "positions": positions_BL.astype(np.int32), "loss_mask": loss_mask_BL}
+
+
+def _parse_absl_flags() -> None:
+  """grain reads absl flags when it makes its workers, which fails unless they were parsed (as
+  in any program that does not run through absl.app); default values are all it needs."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+  """Hides the `__main__` script while grain spawns its workers.
+
+  Spawn re-runs the main script in every new process unless it is hidden, so a script without
+  an `if __name__ == "__main__":` guard would start its training again in each worker (and fail).
+  grain ships the pipeline to its workers pickled: they never need the script.
+  """
+  main = sys.modules["__main__"]
+  saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+  main.__dict__.pop("__file__", None)
+  main.__spec__ = None  # multiprocessing reads the attribute, so it must exist
+  try:
+    yield
+  finally:
+    main.__dict__.update(saved)
+
+
+class _MergedParts(grain.IterDataset):
+  """Reassembles the row shares that `workers` grain processes build for one batch."""
+
+  def __init__(self, parent: grain.IterDataset, workers: int):
+    super().__init__(parent)
+    self._workers = workers
+
+  def __iter__(self) -> _MergedPartsIterator:
+    with _main_hidden():
+      return _MergedPartsIterator(self._parent.__iter__(), self._workers)
+
+
+class _MergedPartsIterator(grain.DatasetIterator):
+  """grain interleaves its workers' outputs in turn; worker w built rows w, w + W, ... of each batch.
+
+  Workers start on the first fetch, and again after `set_state`: the main script is hidden then.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, workers: int):
+    super().__init__(parent)
+    self._workers = workers
+    self._starting = True
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    with _main_hidden() if self._starting else contextlib.nullcontext():
+      parts = [next(self._parent) for _ in range(self._workers)]
+    self._starting = False
+    merged = {}
+    for key, first in parts[0].items():
+      merged[key] = np.empty((sum(len(p[key]) for p in parts),) + first.shape[1:], first.dtype)
+      for w, part in enumerate(parts):
+        merged[key][w::self._workers] = part[key]
+    return merged
+
+  def get_state(self) -> dict[str, Any]:
+    with _main_hidden() if self._starting else contextlib.nullcontext():
+      return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    with _main_hidden():
+      self._parent.set_state(state)
+    self._starting = True
+
+
+def _close(open_iterators: list[grain.DatasetIterator]) -> None:
+  while open_iterators:
+    open_iterators.pop().close()
+
+
+class BatchIterator:
+  """Endless batches of one split, prefetched; `get_state()` after k batches, given to
+  `set_state()` of a fresh iterator, makes it continue with batch k + 1 exactly.
+
+  The state is JSON-serialisable and describes the batches returned so far, not the ones
+  prefetched. It is per process: each process saves and restores its own.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, header: dict[str, Any]):
+    self._header = header
+    self._open = [dataset.__iter__()]  # emptied by close()
+    # Closes (and frees) the grain iterator at exit at the latest, while the modules its cleanup
+    # needs are still loaded: grain's own __del__ fails during interpreter shutdown.
+    self._finalizer = weakref.finalize(self, _close, self._open)
+
+  @property
+  def _iterator(self) -> grain.DatasetIterator:
+    if not self._open:
+      raise DataError("this batch iterator is closed; make a new one with make_batches()")
+    return self._open[0]
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._header, "iterator": self._iterator.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key, value in self._header.items():
+      if state.get(key) != value:
+        raise DataError(f"data iterator state has {key}={state.get(key)!r} but this run has {value!r}; "
+                        "resume with the data settings, batch size, seed and processes of the saved run")
+    self._iterator.set_state(state["iterator"])
+
+  def close(self) -> None:
+    """Stops the prefetch thread and any worker processes."""
+    self._finalizer()
+
+  def __enter__(self) -> BatchIterator:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over (data, fsdp), the sequence whole: how the step expects its batch."""
+  return NamedSharding(mesh, P(_BATCH_AXES, None))
+
+
+def _local_rows(batch_size: int, mesh: Mesh | None) -> list[int]:
+  """The global row indices this process builds: those its devices hold (or its equal share)."""
+  if mesh is None:
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size % count:
+      raise DataError(f"batch size {batch_size} is not divisible by the {count} processes; use a multiple of {count}")
+    share = batch_size // count
+    return list(range(index * share, (index + 1) * share))
+  missing = [axis for axis in _BATCH_AXES if axis not in mesh.shape]
+  if missing:
+    raise DataError(f"the mesh has axes {tuple(mesh.shape)}; batches need axes named {_BATCH_AXES}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise DataError(f"batch size {batch_size} is not divisible by mesh data x fsdp = {shards}; use a multiple of {shards}")
+  held = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+  return sorted({row for index in held for row in range(*index[0].indices(batch_size))})
+
+
+def _to_global(sharding: NamedSharding, batch_size: int, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {key: jax.make_array_from_process_local_data(sharding, rows, (batch_size,) + rows.shape[1:])
+          for key, rows in batch.items()}
+
+
+def count_tokens(docs: Documents, tokenizer: Tokenizer, limit: int) -> int:
+  """Tokens (eos included) in `docs`, counted in order until `limit` is reached."""
+  total = 0
+  for start in range(0, len(docs), _COUNT_CHUNK):
+    pieces = [docs[i] for i in range(start, min(start + _COUNT_CHUNK, len(docs)))]
+    total += sum(map(len, tokenizer.encode_batch([text for text, _ in pieces]))) + sum(ends for _, ends in pieces)
+    if total >= limit:
+      break
+  return total
+
+
+def _check_size(docs: Documents, tokenizer: Tokenizer, batch_tokens: int, split: str) -> None:
+  found = count_tokens(docs, tokenizer, batch_tokens)
+  if found >= batch_tokens:
+    return
+  message = f"{docs.name} holds {found} tokens, fewer than one batch of {batch_tokens} (batch size x data.seq_len)"
+  if split == "train":
+    raise DataError(f"{message}; lower train.batch_size or data.seq_len, or add data")
+  log.warning("%s; each evaluation batch repeats it", message)
+
+
+def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seed: int,
+                 mesh: Mesh | None, split: str = "train") -> BatchIterator:
+  """Endless packed batches of `split` ("train": shuffled by `seed`, a new order each epoch;
+  "eval": the validation data in order, cycled, the same batches from every fresh call).
+
+  `batch_size` is global. With a mesh, every array is a global `jax.Array` sharded
+  P(("data", "fsdp"), None) and this process builds only the rows its devices hold; with
+  mesh=None, the arrays are numpy, this process's equal share of the rows.
+  """
+  if data.seq_len <= 0 or batch_size <= 0:
+    raise DataError(f"batch size {batch_size} and data.seq_len={data.seq_len} must be positive")
+  if data.prefetch < 0 or data.worker_count < 0:
+    raise DataError(f"data.prefetch={data.prefetch} and data.worker_count={data.worker_count} must be 0 or more")
+  rows = _local_rows(batch_size, mesh)
+  docs = sources.load(data, split)
+  _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  ordered = grain.MapDataset.source(docs)
+  ordered = ordered.shuffle(seed=seed % 2**32).repeat() if split == "train" else ordered.repeat()
+  dataset = _PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len)
+  workers = min(data.worker_count, len(rows))
+  if workers:
+    _parse_absl_flags()
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, data.prefetch))
+    dataset = _MergedParts(dataset.mp_prefetch(options), workers)
+  if mesh is not None:
+    dataset = dataset.map(functools.partial(_to_global, batch_sharding(mesh), batch_size))
+  dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
+  header = {"split": split, "source": data.source, "batch_size": batch_size, "seq_len": data.seq_len,
+            "seed": seed if split == "train" else None, "rows": [rows[0], rows[-1], len(rows)], "workers": workers}
+  return BatchIterator(dataset, header)

@@ -668,17 +668,19 @@ def import_hf(hf_dir: str | pathlib.Path, out_workdir: str | pathlib.Path) -> st
 def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
   """`llm-jax convert --to-hf WORKDIR --out DIR`: the latest parameters as a transformers folder.
 
-  Token ids come from the workdir's hf_config.json when it was imported; a tokenizer.model
-  beside the checkpoint is copied.
+  Reads parameters and config the way `llm_jax.load` does, but without building a tokenizer:
+  export only copies the tokenizer.model file, which may be a foreign sentencepiece model
+  (e.g. Llama 2's) that llm-jax's tokenizer does not accept. Token ids come from the
+  workdir's hf_config.json when it was imported.
   """
-  import llm_jax
+  from llm_jax import checkpoint
   workdir = pathlib.Path(workdir)
-  model = llm_jax.load(workdir)
+  params, config = checkpoint.restore_params(workdir)
   source = workdir / HF_CONFIG_FILE
   extra = {}
   if source.is_file():
     extra = {k: v for k, v in json.loads(source.read_text()).items() if k in _TOKEN_KEYS}
-  out = save_hf(model.params, model.config.model, out_dir, extra_config=extra)
+  out = save_hf(params, config.model, out_dir, extra_config=extra)
   if (workdir / "tokenizer.model").is_file():
     shutil.copy(workdir / "tokenizer.model", out / "tokenizer.model")
   return str(out)

@@ -387,14 +387,34 @@ def test_cli_convert_refuses_unsupported_architecture(tmp_path):
   assert "gpt_neox" in result.stderr and "supported: gpt2, llama, mistral, qwen2" in result.stderr
 
 
-def test_import_copies_sentencepiece_tokenizer(tmp_path, llama_dir):
+def hf_folder_with_tokenizer(tmp_path, llama_dir, model_file) -> pathlib.Path:
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()
   for file in llama_dir.iterdir():
     (hf_dir / file.name).write_bytes(file.read_bytes())
-  (hf_dir / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
-  out = pathlib.Path(hf.import_hf(hf_dir, tmp_path / "work"))
-  assert (out / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+  (hf_dir / "tokenizer.model").write_bytes(model_file.read_bytes())
+  return hf_dir
+
+
+def test_import_brings_an_llm_jax_sentencepiece_tokenizer(tmp_path, llama_dir):
+  from llm_jax.data import tokenizer
+  (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog 12\n" * 50)
+  model_file = tokenizer.train_sentencepiece([str(tmp_path / "text.txt")], 300, str(tmp_path / "sp.model"))
+  out = pathlib.Path(hf.import_hf(hf_folder_with_tokenizer(tmp_path, llama_dir, model_file), tmp_path / "work"))
+  assert (out / "tokenizer.model").read_bytes() == model_file.read_bytes()
   saved = config_lib.load_json(out / "config.json")
   assert saved.data.tokenizer == str(out / "tokenizer.model")
-  assert saved.model == hf.config_from_hf(hf.read_hf_config(hf_dir))
+  loaded = llm_jax.load(out)
+  assert loaded.tokenizer.decode(loaded.tokenizer.encode("the lazy fox")) == "the lazy fox"
+
+
+def test_foreign_sentencepiece_tokenizer_travels_both_ways(tmp_path, llama_dir):
+  """Llama 2's tokenizer.model (unk 0, bos 1, eos 2, no pad) is copied in and out byte for byte."""
+  import sentencepiece as spm
+  (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+  spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "llama2"),
+                                 vocab_size=30, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+  model_file = tmp_path / "llama2.model"
+  out = hf.import_hf(hf_folder_with_tokenizer(tmp_path, llama_dir, model_file), tmp_path / "work")
+  back = pathlib.Path(hf.export_hf(out, tmp_path / "back"))
+  assert (back / "tokenizer.model").read_bytes() == model_file.read_bytes()

@@ -109,19 +109,11 @@ def _attention_with_dropout(q_BLHK, k_BSGK, v_BSGK, mask_BLS, rate, rng):
   return out_BLGRK.reshape(q_BLHK.shape)
 
 
-def mlp(x_BLD: jax.Array, up_DF: jax.Array, down_FD: jax.Array, *, kind: str,
-        gate_DF: jax.Array | None = None, up_bias_F: jax.Array | None = None,
-        down_bias_D: jax.Array | None = None) -> jax.Array:
-  """GPT-2's GELU MLP (tanh approximation, as GPT-2 was trained) or Llama's SwiGLU."""
-  h_BLF = x_BLD @ up_DF
-  if up_bias_F is not None:
-    h_BLF = h_BLF + lead(up_bias_F, h_BLF)
+def mlp_activation(up_BLF: jax.Array, gate_BLF: jax.Array | None, kind: str) -> jax.Array:
+  """GPT-2's GELU (tanh approximation, as GPT-2 was trained) or Llama's SwiGLU, silu(gate) * up."""
   if kind == "swiglu":
-    h_BLF = jax.nn.silu(x_BLD @ gate_DF) * h_BLF
-  else:
-    h_BLF = jax.nn.gelu(h_BLF, approximate=True)
-  out_BLD = h_BLF @ down_FD
-  return out_BLD if down_bias_D is None else out_BLD + lead(down_bias_D, out_BLD)
+    return jax.nn.silu(gate_BLF) * up_BLF
+  return jax.nn.gelu(up_BLF, approximate=True)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:

@@ -201,10 +201,9 @@ def block(x_BLD: jax.Array, p: Params, cfg: ModelConfig, mask_BLS: jax.Array, po
 
   h_BLD = _norm(x_BLD, p["post_attention_layernorm"], cfg).astype(dtype)
   m = p["mlp"]
-  get = lambda name, key: m[name][key].astype(dtype) if name in m and key in m[name] else None  # noqa: E731
-  mlp_BLD = layers.mlp(h_BLD, get("up_proj", "kernel"), get("down_proj", "kernel"), kind=cfg.mlp,
-                       gate_DF=get("gate_proj", "kernel"), up_bias_F=get("up_proj", "bias"),
-                       down_bias_D=get("down_proj", "bias"))
+  up_BLF = _dense(h_BLD, m["up_proj"], "bld,df->blf", dtype)
+  gate_BLF = _dense(h_BLD, m["gate_proj"], "bld,df->blf", dtype) if cfg.mlp == "swiglu" else None
+  mlp_BLD = _dense(layers.mlp_activation(up_BLF, gate_BLF, cfg.mlp), m["down_proj"], "blf,fd->bld", dtype)
   x_BLD = x_BLD + layers.dropout(mlp_BLD, cfg.resid_dropout, drop2).astype(x_BLD.dtype)
   return constrain(x_BLD, ("batch", "length", None))
 

@@ -55,13 +55,13 @@ log = logging.getLogger(__name__)
 
 
 class _Stream:
-  """One row slot: `doc` is the stream's current piece (its j-th), `offset` the tokens of it used."""
+  """One row slot: it is on its `piece`-th piece (of those at r, r + B, ...), `offset` tokens into it."""
 
-  __slots__ = ("row", "doc", "offset", "pending")
+  __slots__ = ("row", "piece", "offset", "pending")
 
   def __init__(self, row: int):
-    self.row, self.doc, self.offset = row, 0, 0
-    self.pending: collections.deque[np.ndarray] = collections.deque()  # tokens of pieces doc, doc+1, ...
+    self.row, self.piece, self.offset = row, 0, 0
+    self.pending: collections.deque[np.ndarray] = collections.deque()  # tokens of pieces piece, piece + 1, ...
 
   def buffered(self) -> int:
     return sum(len(ids) for ids in self.pending) - self.offset
@@ -82,7 +82,7 @@ class _RowsIterator(grain.DatasetIterator):
   def _tokenize_ahead(self) -> None:
     """Tokenizes, a batch of pieces per call, until every stream holds a full row."""
     while short := [s for s in self._streams if s.buffered() < self._L]:
-      pieces = [self._docs[s.row + (s.doc + len(s.pending)) * self._B] for s in short]
+      pieces = [self._docs[s.row + (s.piece + len(s.pending)) * self._B] for s in short]
       for stream, ids, (_, ends) in zip(short, self._tokenizer.encode_batch([text for text, _ in pieces]), pieces):
         stream.pending.append(np.append(ids, np.int32(self._tokenizer.eos_id)) if ends else ids)
 
@@ -99,18 +99,18 @@ class _RowsIterator(grain.DatasetIterator):
         filled, segment, stream.offset = filled + n, segment + 1, stream.offset + n
         if stream.offset == len(ids):
           stream.pending.popleft()
-          stream.doc, stream.offset = stream.doc + 1, 0
+          stream.piece, stream.offset = stream.piece + 1, 0
     return inputs_RL, segments_RL
 
   def get_state(self) -> dict[str, Any]:
-    return {"streams": [[s.doc, s.offset] for s in self._streams]}
+    return {"streams": [[s.piece, s.offset] for s in self._streams]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if len(state["streams"]) != len(self._streams):
       raise DataError(f"data iterator state holds {len(state['streams'])} rows, this process reads "
                       f"{len(self._streams)}; resume with the same train.batch_size, processes and mesh")
-    for stream, (doc, offset) in zip(self._streams, state["streams"]):
-      stream.doc, stream.offset = int(doc), int(offset)
+    for stream, (piece, offset) in zip(self._streams, state["streams"]):
+      stream.piece, stream.offset = int(piece), int(offset)
       stream.pending.clear()
 
 
@@ -344,6 +344,7 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if mesh is not None:
     dataset = dataset.map(functools.partial(_to_global, batch_sharding(mesh), batch_size))
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
-  header = {"split": split, "source": data.source, "batch_size": batch_size, "seq_len": data.seq_len,
-            "seed": seed if split == "train" else None, "rows": [rows[0], rows[-1], len(rows)], "workers": workers}
+  header = {"split": split, "data": docs.name, "pieces": len(docs), "vocab_size": tokenizer.vocab_size,
+            "batch_size": batch_size, "seq_len": data.seq_len, "seed": seed if split == "train" else None,
+            "rows": [rows[0], rows[-1], len(rows)], "workers": workers}
   return BatchIterator(dataset, header)

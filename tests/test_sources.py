@@ -234,3 +234,10 @@ def test_giant_local_file_is_held_out_by_pieces(shared_data, shakespeare):
   assert texts_of(evaluation) == [all_pieces[i][0] for i in sorted(held)]
   assert texts_of(train) == [all_pieces[i][0] for i in range(len(all_pieces)) if i not in held]
   assert np.mean([len(t) for t in texts_of(train)]) > 0.75 * 32 * 256
+
+
+def test_undecodable_tfds_text_reports_example_and_offset():
+  examples = sources._TfdsExamples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
+  assert examples[0] == ("fine", True)
+  with pytest.raises(DataError, match=r"tfds:x:train example 1: invalid UTF-8 at byte offset 3"):
+    examples[1]

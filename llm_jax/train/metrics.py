@@ -1,0 +1,124 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar or plain lines, and MFU.
+
+MFU = achieved training FLOP/s / peak FLOP/s, with the FLOPs per token of
+`llm_jax.model.stats` (6 x (non-embedding + lm head params) + 12 x layers x seq_len x width).
+The peak is a table of dense bf16 figures per accelerator kind, times the device count; on
+CPU it is a float32 matmul rate measured once at start-up on this machine (all devices of a
+simulated CPU mesh share the same cores, so the host rate is the peak, not rate x devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+  """FLOP/s of a jitted n x n matmul on the default device: the CPU's achievable peak."""
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s of all devices, how it was obtained)."""
+  device = jax.devices()[0]
+  kind = device.device_kind.lower()
+  if device.platform == "cpu":
+    return measure_matmul_flops(), "measured CPU float32 matmul rate"
+  for name, flops in PEAK_FLOPS.items():
+    if name in kind:
+      return flops * jax.device_count(), f"{device.device_kind} table peak x {jax.device_count()}"
+  return float("nan"), f"unknown device kind {device.device_kind!r}: MFU not reported"
+
+
+class Reporter:
+  """Writes one record per logged step; only process 0 writes anything.
+
+  In a terminal it draws a progress bar; in CI or a pipe it prints one plain line per record,
+  which logs and CI output can be read from.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._bar = None
+    self._tb = None
+    if not self.enabled:
+      return
+    self._file = open(self.path, "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    if sys.stdout.isatty() and os.environ.get("CI") != "true":
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {k: _plain(v) for k, v in record.items()}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    step = record["step"]
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                            tok_s=f"{record.get('tokens_per_sec', 0):,.0f}")
+    else:
+      print(format_record(record), flush=True)
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      (self._bar.write if self._bar is not None else print)(text)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+      if self._bar is not None:
+        self._bar.close()
+
+
+def format_record(record: dict[str, Any]) -> str:
+  parts = [f"step {record['step']}"]
+  for key, value in record.items():
+    if key != "step":
+      parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+  return " | ".join(parts)
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    value = np.asarray(value).item()
+  return value

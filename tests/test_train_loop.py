@@ -1,0 +1,139 @@
+"""The trainer through the real `llm-jax train` command, on real text, in real processes."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llm_jax import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"}
+
+
+def tiny_run_args(shared_data, workdir, *extra):
+  """A small GPT-2 on Tiny Shakespeare's bytes: a few seconds a dozen steps on 2 cores."""
+  return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/tiny_shakespeare.py"),
+          "--workdir", str(workdir), f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}",
+          "data.text_split=blank_line", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
+          "model.num_kv_heads=4", "model.d_ff=256", "data.seq_len=64", "model.max_len=64", "train.batch_size=16",
+          "optim.warmup_steps=5", "optim.learning_rate=3e-3", "train.eval_batches=2", "sample.max_new_tokens=16",
+          *extra]
+
+
+def train(args, **kwargs):
+  env = {**os.environ, "CI": "true"}  # plain log lines, no progress bar
+  return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+def read_metrics(workdir):
+  """Last record of each step (a resumed run may repeat steps its killed predecessor logged)."""
+  records = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    records[record["step"]] = record
+  return records
+
+
+@pytest.mark.slow
+def test_train_command_end_to_end(shared_data, tmp_path):
+  workdir = tmp_path / "run"
+  result = train(tiny_run_args(shared_data, workdir, "train.steps=40", "train.log_every=5", "train.eval_every=20",
+                               "train.checkpoint_every=20"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = read_metrics(workdir)
+  assert sorted(records) == [5, 10, 15, 20, 25, 30, 35, 40]
+  for record in records.values():
+    assert KEYS <= record.keys()
+    assert record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1.5
+  assert {"eval_loss", "eval_perplexity"} <= records[20].keys() and "eval_loss" in records[40]
+  assert "eval_loss" not in records[15]
+  assert records[40]["loss"] < records[5]["loss"] - 0.5  # bytes: from ~5.5 nats towards ~2.5
+  assert records[40]["eval_loss"] < records[20]["eval_loss"]
+  saved = config_lib.load_json(workdir / "config.json")
+  assert saved.train.steps == 40 and saved.model.num_layers == 2
+  assert config_lib.from_dict(json.loads(config_lib.to_json(saved))) == saved
+  assert (workdir / "tokenizer.json").is_file()
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
+  assert list((workdir / "tensorboard").iterdir())
+  assert "step 40 |" in result.stdout and "loss" in result.stdout  # plain lines in CI
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_losses_bitwise(shared_data, tmp_path):
+  """SIGKILL after the step-15 checkpoint, resume: steps 16-30 match an uninterrupted run exactly."""
+  common = ["train.steps=30", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=15"]
+  straight = tmp_path / "straight"
+  assert train(tiny_run_args(shared_data, straight, *common)).returncode == 0
+  expected = read_metrics(straight)
+
+  killed = tmp_path / "killed"
+  args = tiny_run_args(shared_data, killed, *common)
+  process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "CI": "true"})
+  marker = killed / "checkpoints" / "15" / "commit_success.txt"
+  deadline = time.time() + 300
+  while not marker.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert marker.exists()
+  assert not (killed / "checkpoints" / "30").exists(), "the run finished before the kill; slow its steps down"
+
+  resumed = train(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from step 15" in resumed.stdout
+  got = read_metrics(killed)
+  for step in range(16, 31):
+    assert got[step]["loss"] == expected[step]["loss"], step
+    assert got[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(shared_data, tmp_path):
+  workdir = tmp_path / "run"
+  args = tiny_run_args(shared_data, workdir, "train.steps=100000", "train.log_every=1", "train.eval_every=0",
+                       "train.checkpoint_every=0")
+  process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "CI": "true"})
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and
+                                        len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  assert "SIGTERM received" in output and "checkpoint saved" in output
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
+  resumed = train([*args[:-4], "train.steps=" + str(steps[0] + 2), *args[-3:]])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from step {steps[0]}" in resumed.stdout
+  assert max(read_metrics(workdir)) == steps[0] + 2
+
+
+def test_workdir_of_another_architecture_is_refused(shared_data, tmp_path):
+  workdir = tmp_path / "run"
+  first = train(tiny_run_args(shared_data, workdir, "train.steps=1", "train.eval_every=0"))
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = (workdir / "config.json").read_text()
+  result = train(tiny_run_args(shared_data, workdir, "train.steps=2", "model.num_layers=3"))
+  assert result.returncode == 2
+  assert "holds a run with model.num_layers=2, this config has 3" in result.stderr and "--fresh" in result.stderr
+  assert (workdir / "config.json").read_text() == before  # nothing overwritten
+  assert (workdir / "checkpoints" / "1").is_dir()
+  fresh = train([*tiny_run_args(shared_data, workdir, "train.steps=2", "model.num_layers=3"), "--fresh"])
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  assert config_lib.load_json(workdir / "config.json").model.num_layers == 3
+
+
+def test_tokenizer_larger_than_model_vocab_fails_at_start(shared_data, tmp_path):
+  result = train(tiny_run_args(shared_data, tmp_path / "run", "model.vocab_size=128", "train.steps=2"))
+  assert result.returncode == 2
+  assert "128" in result.stderr and "260" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1

@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
+from multiprocess import run_processes  # tests/multiprocess.py
 
+import llm_jax
 from llm_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,3 +141,24 @@ def test_tokenizer_larger_than_model_vocab_fails_at_start(shared_data, tmp_path)
   assert result.returncode == 2
   assert "128" in result.stderr and "260" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_eight_devices(shared_data, tmp_path):
+  """Real jax.distributed on 127.0.0.1, 4 CPU devices each: same losses, and the checkpoint the
+  two processes wrote together restores in this one process with the same parameters."""
+  common = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
+            "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+  single = tmp_path / "single"
+  assert train(tiny_run_args(shared_data, single, *common)).returncode == 0
+  multi = tmp_path / "multi"
+  args = tiny_run_args(shared_data, multi, *common)[3:]  # drop python -m llm_jax
+  run_processes(f"import sys\nfrom llm_jax import cli\nsys.exit(cli.main({args!r}))", num_processes=2,
+                devices_per_process=4, timeout=400, env={"CI": "true"})
+  expected, got = read_metrics(single), read_metrics(multi)
+  assert sorted(got) == list(range(1, 7))
+  for step in range(1, 7):
+    assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5), step
+  single_params = llm_jax.load(single).params
+  multi_params = llm_jax.load(multi).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), multi_params, single_params)

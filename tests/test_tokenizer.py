@@ -125,13 +125,20 @@ def test_load_tokenizer_errors(tmp_path):
     tok_lib.load_tokenizer(str(junk))
 
 
-def test_foreign_special_ids_are_refused(tmp_path, texts):
+def test_foreign_model_keeps_its_own_special_ids(tmp_path, texts):
+  """A stock sentencepiece model (Llama 2's layout: unk 0, bos 1, eos 2, no pad) loads with its ids."""
   corpus = tmp_path / "c.txt"
   corpus.write_text(texts["english"], encoding="utf-8")
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "stock"), vocab_size=300,
-                                 minloglevel=2)  # sentencepiece's defaults: unk=0, bos=1, eos=2, no pad
-  with pytest.raises(TokenizerError, match=r"pad/bos/eos/unk ids \(-1, 1, 2, 0\).*retrain"):
-    tok_lib.load_tokenizer(str(tmp_path / "stock.model"))
+                                 minloglevel=2)
+  tokenizer = tok_lib.load_tokenizer(str(tmp_path / "stock.model"))
+  assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
+  assert tokenizer.pad_id == tokenizer.eos_id  # no pad piece: pad with eos
+  ids = tokenizer.encode("To be, or not to be")
+  assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id]) == tokenizer.decode(ids)
+  assert "be, or not to be" in tokenizer.decode(ids)
+  tokenizer.save(tmp_path / "workdir")
+  assert tok_lib.load_from_workdir(tmp_path / "workdir").eos_id == 2
 
 
 def test_unigram_round_trips(tmp_path, texts):

@@ -1,6 +1,7 @@
 """Tokenizers: sentencepiece models trained to round-trip any text, and a zero-setup byte tokenizer.
 
-Both share the same special ids, so a pipeline, a model and a sampler never ask which is in use:
+Both use the same special ids (a foreign sentencepiece model, such as Llama 2's with unk 0,
+bos 1, eos 2 and no pad, keeps its own, read from the model; callers use `tokenizer.eos_id`):
 
   id 0  pad   (never emitted by the packer, whose rows are always full; there for padded batches)
   id 1  bos   (not added by `encode`; available to callers that want it)
@@ -105,7 +106,12 @@ class SentencePieceTokenizer(_Specials):
     self._origin = origin
     self._sp = _processor(model_proto, origin)
     self.vocab_size = self._sp.get_piece_size()
-    _check_specials(self._sp, origin)
+    self.bos_id, self.eos_id, self.unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
+    # Foreign models (Llama 2's) may have no pad piece: pad with eos, which masks hide anyway.
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    if self.eos_id < 0:
+      raise TokenizerError(f"{origin} has no eos piece, which marks document ends; retrain it with "
+                           "`llm-jax tokenizer train`")
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -115,7 +121,8 @@ class SentencePieceTokenizer(_Specials):
 
   def decode(self, ids: Sequence[int]) -> str:
     ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return self._sp.decode(ids_N[(ids_N >= NUM_SPECIALS) & (ids_N < self.vocab_size)].tolist())
+    keep = (ids_N >= 0) & (ids_N < self.vocab_size) & ~np.isin(ids_N, [self.pad_id, self.bos_id, self.eos_id, self.unk_id])
+    return self._sp.decode(ids_N[keep].tolist())
 
   def save(self, workdir: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(workdir) / _MODEL_NAME
@@ -142,14 +149,6 @@ def _processor(model_proto: bytes, origin: str) -> spm.SentencePieceProcessor:
     raise TokenizerError(f"{origin} is not a sentencepiece model; pass a .model file written by "
                          "`llm-jax tokenizer train`, or data.tokenizer=byte") from None
   return sp
-
-
-def _check_specials(sp: spm.SentencePieceProcessor, origin: str) -> None:
-  found = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
-  if found != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
-    raise TokenizerError(
-        f"{origin} has pad/bos/eos/unk ids {found}, llm-jax needs {(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}; "
-        "retrain it with `llm-jax tokenizer train`")
 
 
 def _write_json(workdir: str | pathlib.Path, content: dict) -> pathlib.Path:

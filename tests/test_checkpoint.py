@@ -119,3 +119,13 @@ def test_load_reports_missing_checkpoint(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
     llm_jax.load(tmp_path / "empty")
+
+
+def test_keeps_the_last_k_and_the_best_by_eval_loss(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  for step, eval_loss in zip(range(1, 6), [5.0, 1.0, 4.0, None, 2.5]):
+    ckpt.save(step, {"w": np.full((2,), float(step))}, {"step": np.int32(step)}, {"position": step},
+              CONFIG, metrics=None if eval_loss is None else {"eval_loss": eval_loss})
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 4, 5]  # step 2 has the best eval loss; 4 and 5 are the latest
+  ckpt.close()

@@ -162,3 +162,33 @@ def test_two_processes_equal_one_process_with_eight_devices(shared_data, tmp_pat
   single_params = llm_jax.load(single).params
   multi_params = llm_jax.load(multi).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), multi_params, single_params)
+
+
+@pytest.mark.slow
+def test_init_from_an_export_starts_from_its_parameters(shared_data, tmp_path):
+  first = tmp_path / "first"
+  assert train(tiny_run_args(shared_data, first, "train.steps=3", "train.eval_every=0")).returncode == 0
+  export = subprocess.run([sys.executable, "-m", "llm_jax", "export", "--workdir", str(first), "--out",
+                           str(tmp_path / "export")], capture_output=True, text=True)
+  assert export.returncode == 0, export.stderr[-2000:]
+  # One step at learning rate 0 (weight decay scales with it) leaves the parameters as loaded.
+  second = tmp_path / "second"
+  result = train(tiny_run_args(shared_data, second, "train.steps=1", "train.eval_every=0", "optim.learning_rate=0",
+                               "optim.warmup_steps=0", f"train.init_from={tmp_path / 'export'}", "train.seed=7"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "starting from the parameters of" in result.stdout
+  jax.tree.map(np.testing.assert_array_equal, llm_jax.load(second).params, llm_jax.load(first).params)
+
+
+def test_second_interrupt_aborts_at_once():
+  from llm_jax.train.loop import _Stop
+  stop = _Stop()
+  previous = stop.install()
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert stop.requested  # the first one only asks the loop to stop after its step
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

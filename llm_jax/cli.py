@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
   from llm_jax.model import stats
-  print(json.dumps(stats.summarize(_load_config(args), shardings=args.shardings), indent=2))
+  print(json.dumps(stats.summarize(_load_config(args)), indent=2))
   return 0
 
 
@@ -97,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   p.set_defaults(handler=_cmd_train)
 
-  p = sub.add_parser("inspect", help="parameter count, FLOPs per token, bytes and shardings (no allocation)")
+  p = sub.add_parser("inspect", help="parameter count, FLOPs per token, bytes and each parameter's sharding on the config's mesh (no allocation)")
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--config")
   group.add_argument("--preset")
-  p.add_argument("--shardings", action="store_true", help="also list every parameter's sharding on the mesh")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   p.set_defaults(handler=_cmd_inspect)
 

@@ -54,6 +54,17 @@ def make_mesh(mesh_cfg: config_lib.MeshConfig, devices: Sequence[jax.Device] | N
   return Mesh(device_grid, MESH_AXES, axis_types=auto)
 
 
+def plan_mesh(mesh_cfg: config_lib.MeshConfig) -> jax.sharding.AbstractMesh:
+  """The mesh a config asks for, without devices: `llm-jax inspect` plans a pod from a laptop.
+
+  Explicit sizes define the device count; a -1 takes the devices this machine has.
+  """
+  sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  devices = jax.device_count() if -1 in sizes else int(np.prod(sizes))
+  shape = config_lib.resolve_mesh(mesh_cfg, devices)
+  return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: dict = RULES) -> P:
   """PartitionSpec for a tuple of logical axis names; raises if a mesh axis is used twice."""
   spec, used = [], set()
@@ -70,7 +81,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict = RULES) -> P:
   return P(*spec)
 
 
-def param_shardings(mesh: Mesh, logical: Any, abstract: Any) -> Any:
+def param_shardings(mesh: Mesh | jax.sharding.AbstractMesh, logical: Any, abstract: Any) -> Any:
   """NamedShardings for a tree of parameters from their logical axes, checking divisibility.
 
   Raises naming the parameter, its shape and the mesh when a sharded dimension does not divide.
@@ -116,7 +127,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
-def describe(mesh: Mesh, shardings: Any, abstract: Any) -> dict[str, dict[str, Any]]:
+def describe(shardings: Any, abstract: Any) -> dict[str, dict[str, Any]]:
   """{parameter: {shape, spec, per-device shape}} for `llm-jax inspect --shardings`."""
   out = {}
   for (path, sharding), leaf in zip(jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(abstract)):

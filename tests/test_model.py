@@ -237,11 +237,14 @@ def test_preset_parameter_counts_through_cli():
   assert inspect("--preset", "llama3-8b")["params"] == 8_030_261_248
 
 
-def test_inspect_shardings_on_eight_devices(tmp_path):
-  out = inspect("--preset", "tiny-llama", "--shardings", "mesh.fsdp=4", "mesh.tensor=2")
+def test_inspect_plans_shardings_for_a_mesh_larger_than_this_machine():
+  out = inspect("--preset", "tiny-llama", "mesh.fsdp=4", "mesh.tensor=2")
   assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
   q = out["shardings"]["layers.self_attn.q_proj.kernel"]
   assert q["spec"] == [None, "fsdp", "tensor", None] and q["shard_shape"] == [2, 16, 2, 16]
+  pod = inspect("--preset", "llama2-7b", "mesh.data=4", "mesh.fsdp=64", "mesh.tensor=4")  # 1,024 chips
+  assert pod["shardings"]["layers.mlp.up_proj.kernel"]["shard_shape"] == [32, 4096 // 64, 11008 // 4]
+  assert pod["shardings"]["embed_tokens.embedding"]["shard_shape"] == [32000 // 4, 4096 // 64]
 
 
 def test_indivisible_dimension_names_parameter_and_mesh():

@@ -33,14 +33,18 @@ def flops_per_token(model: config_lib.ModelConfig, seq_len: int) -> float:
   return 6.0 * (counts["non_embedding_params"] + head) + 12.0 * model.num_layers * seq_len * model.d_model
 
 
-def summarize(config: config_lib.Config, shardings: bool = False) -> dict[str, Any]:
-  """What `llm-jax inspect` prints: sizes, FLOPs per token and, on request, every parameter's sharding."""
+def summarize(config: config_lib.Config) -> dict[str, Any]:
+  """What `llm-jax inspect` prints: sizes, FLOPs per token and every parameter's sharding."""
+  from llm_jax import sharding
   model = config.model
   config_lib.validate_model(model)
   counts = count_params(model)
   itemsize = np.dtype(model.param_dtype).itemsize
   seq_len = min(config.data.seq_len, model.max_len)
-  out: dict[str, Any] = {
+  mesh = sharding.plan_mesh(config.mesh)
+  abstract = transformer.abstract_params(model)
+  specs = sharding.param_shardings(mesh, transformer.logical_axes(model), abstract)
+  return {
       **counts,
       "flops_per_token": flops_per_token(model, seq_len),
       "flops_convention": "6*(non_embedding_params + lm_head) + 12*layers*seq_len*d_model, training (fwd+bwd)",
@@ -48,12 +52,6 @@ def summarize(config: config_lib.Config, shardings: bool = False) -> dict[str, A
       "param_bytes": counts["params"] * itemsize,
       # AdamW keeps two float32 moments per parameter.
       "train_state_bytes_adamw": counts["params"] * (itemsize + 8),
+      "mesh": dict(mesh.shape),
+      "shardings": sharding.describe(specs, abstract),
   }
-  if shardings:
-    from llm_jax import sharding
-    mesh = sharding.make_mesh(config.mesh)
-    abstract = transformer.abstract_params(model)
-    specs = sharding.param_shardings(mesh, transformer.logical_axes(model), abstract)
-    out["mesh"] = dict(mesh.shape)
-    out["shardings"] = sharding.describe(mesh, specs, abstract)
-  return out

@@ -16,6 +16,7 @@ import pytest
 
 from llm_jax import sampling, sharding
 from llm_jax.config import MeshConfig
+from llm_jax.data import tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model import presets, transformer
 from llm_jax.sampling import decode, strategies
@@ -231,15 +232,53 @@ def test_beam_search_finds_the_best_sequence_when_it_can_see_them_all(length_pen
     np.testing.assert_allclose(sum(result.log_probs) / len(best) ** length_penalty, score, atol=1e-4)
 
 
+def reference_beam_search(params, cfg, prompt, beams, max_new, eos, length_penalty):
+  """Beam search written plainly: a forward pass over every alive prefix at every step, no early stop.
+
+  Candidates are the 2W best expansions; one ending in eos joins the finished hypotheses if it
+  ranks among the first W, the others fill the W alive beams; at max_new the alive beams finish.
+  """
+  alive, finished = [([], 0.0)], []
+  for _ in range(max_new):
+    log_probs = jax.nn.log_softmax(recomputed_logits(params, cfg, [prompt + t for t, _ in alive]), axis=-1)
+    expansions = [(total + float(log_probs[i, v]), tokens + [v])
+                  for i, (tokens, total) in enumerate(alive) for v in range(cfg.vocab_size)]
+    alive = []
+    for rank, (total, tokens) in enumerate(sorted(expansions, key=lambda e: -e[0])[:2 * beams]):
+      if tokens[-1] == eos:
+        if rank < beams:
+          finished.append((total / len(tokens) ** length_penalty, tokens))
+      elif len(alive) < beams:
+        alive.append((tokens, total))
+  finished += [(total / max_new ** length_penalty, tokens) for tokens, total in alive]
+  return max(finished)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 2.0])
+def test_beam_search_with_early_stopping_equals_running_to_the_end(length_penalty):
+  """Vocab 8 with eos among the likely tokens: hypotheses finish early and the loop stops early."""
+  cfg = dataclasses.replace(GPT2, vocab_size=8, init_std=0.5)
+  params, prompts = params_for(cfg), [[3, 5, 1], [6]]
+  results = sampling.generate(params, cfg, prompts, max_new_tokens=9, num_beams=3, eos_id=2,
+                              length_penalty=length_penalty)
+  for prompt, result in zip(prompts, results):
+    score, tokens = reference_beam_search(params, cfg, prompt, 3, 9, 2, length_penalty)
+    assert result.tokens == tokens
+    assert result.score == pytest.approx(score, abs=1e-4)
+
+
 def test_one_beam_without_length_penalty_is_greedy():
   params = params_for(LLAMA)
-  greedy = sampling.generate(params, LLAMA, PROMPTS, max_new_tokens=8)
-  eos = greedy[0].tokens[4]  # so eos is met and the finished pool takes part
-  greedy = sampling.generate(params, LLAMA, PROMPTS, max_new_tokens=8, eos_id=eos)
-  assert greedy[0].tokens[-1] == eos and greedy[0].finish_reason == "eos"
-  for (tokens, score), c in zip(decode_beam(params, LLAMA, PROMPTS, 8, eos, beams=1, length_penalty=0.0), greedy):
-    assert tokens == c.tokens
-    assert score == pytest.approx(c.score, abs=1e-4)
+  path = sampling.generate(params, LLAMA, PROMPTS[:1], max_new_tokens=8)[0].tokens
+  # eos: the runner-up at step 3 (it must be passed over, as greedy passes it over), or the argmax
+  # at step 5 (it must end the row there)
+  runner_up = int(np.argsort(recomputed_logits(params, LLAMA, [PROMPTS[0] + path[:3]])[0])[-2])
+  for eos in (runner_up, path[5]):
+    greedy = sampling.generate(params, LLAMA, PROMPTS, max_new_tokens=8, eos_id=eos)
+    for (tokens, score), c in zip(decode_beam(params, LLAMA, PROMPTS, 8, eos, beams=1, length_penalty=0.0), greedy):
+      assert tokens == c.tokens
+      assert score == pytest.approx(c.score, abs=1e-4)
+  assert greedy[0].tokens[-1] == path[5] and greedy[0].finish_reason == "eos"
 
 
 def decode_beam(params, cfg, prompts, max_new, eos, *, beams, length_penalty):
@@ -269,23 +308,20 @@ def test_eos_and_stop_sequences_stop_each_row():
   assert stopped[1].tokens == b[:end] and stopped[1].finish_reason == "stop"
   a_end = next((i + 2 for i in range(len(a) - 1) if a[i:i + 2] == stop), None)
   assert stopped[0].tokens == (a[:a_end] if a_end else a)
-
-
-class ByteTokenizer:
-  """A real (if minimal) tokenizer: UTF-8 bytes shifted past the four special ids."""
-
-  pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
-
-  def encode(self, text):
-    return [b + 4 for b in text.encode("utf-8")]
-
-  def decode(self, ids):
-    return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
+  # Beam hypotheses end at a stop sequence too, and never run past one.
+  beam_kw = dict(max_new_tokens=10, num_beams=3)
+  stop = sampling.generate(params, GPT2, PROMPTS[:2], **beam_kw)[0].tokens[4:6]
+  beams = sampling.generate(params, GPT2, PROMPTS[:2], **beam_kw, stop=[stop])
+  assert "stop" in [c.finish_reason for c in beams]
+  for c in beams:
+    ends = [i + 2 for i in range(len(c.tokens) - 1) if c.tokens[i:i + 2] == stop]
+    assert ends == ([len(c.tokens)] if c.finish_reason == "stop" else [])
 
 
 def test_generate_text_details_and_stop_strings():
-  cfg = dataclasses.replace(GPT2, vocab_size=260)  # 4 specials + 256 bytes
-  params, tok = params_for(cfg), ByteTokenizer()
+  tok = tokenizer.ByteTokenizer()
+  cfg = dataclasses.replace(GPT2, vocab_size=tok.vocab_size)
+  params = params_for(cfg)
   prompts = ["ab", "hello"]
   free = sampling.generate_text(params, cfg, tok, prompts, max_new_tokens=12, return_details=True)
   for prompt, d in zip(prompts, free):

@@ -1,17 +1,16 @@
 """Beam search over the same cache, prefill and `extend` as sampling, in one jitted while loop.
 
-Each prompt keeps W alive beams and a pool of the W best finished hypotheses. A step expands
-every alive beam by every token, takes the 2W best candidates by summed log-probability, sends
-those that end (eos or a stop sequence) to the pool if they rank among the first W (as Hugging
-Face does, so one beam with no length penalty is exactly greedy), and keeps the W best others
-alive. A finished hypothesis scores sum(log p) / length ** length_penalty, length counting the
+Each prompt keeps W alive beams and its best finished hypothesis. A step expands every alive
+beam by every token and takes the 2W best candidates by summed log-probability; those that end
+(eos or a stop sequence) count as finished only if they rank among the first W (as in Hugging
+Face, so one beam with no length penalty is exactly greedy), and the W best others stay alive. A finished hypothesis scores sum(log p) / length ** length_penalty, length counting the
 token that ended it.
 
-A prompt is done when its pool is full and no alive beam can still beat the pool's worst: log
-p <= 0 makes an alive sum only fall, so its best future score is sum / max_new ** penalty for a
-positive penalty and sum / length ** penalty otherwise. Stopping there returns exactly what
-running to max_new_tokens would. At the end, beams still alive join the pool as hypotheses cut
-by the length limit.
+Only the best hypothesis is returned, so a prompt is done once no alive beam can still beat
+the best finished one: log p <= 0 makes an alive sum only fall, so its best future score is
+sum / max_new ** penalty for a positive penalty and sum / length ** penalty otherwise.
+Stopping there returns exactly what running to max_new_tokens would. At the end, beams still
+alive count as hypotheses cut by the length limit.
 
 Dimension letters as in decode.py, plus C = 2W candidates and X the longest stop sequence.
 """
@@ -39,11 +38,11 @@ class _BeamState(NamedTuple):
   alive_log_probs_BWT: jax.Array
   alive_sum_BW: jax.Array  # -inf marks an empty beam
   alive_recent_BWX: jax.Array
-  done_tokens_BWT: jax.Array
-  done_log_probs_BWT: jax.Array
-  done_score_BW: jax.Array  # -inf marks an empty slot of the pool
-  done_length_BW: jax.Array
-  done_reason_BW: jax.Array
+  best_tokens_B1T: jax.Array
+  best_log_probs_B1T: jax.Array
+  best_score_B1: jax.Array  # -inf until a hypothesis finished
+  best_length_B1: jax.Array
+  best_reason_B1: jax.Array
 
 
 def _take(x_BC: jax.Array, index_BW: jax.Array) -> jax.Array:
@@ -87,14 +86,14 @@ def beam_search_loop(params: Params, prompt_BP: jax.Array, start_B: jax.Array, m
     length = s.step + 1
     in_top_w_BC = jnp.arange(2 * beams)[None] < beams
     score_BC = jnp.where(ends_BC & in_top_w_BC, sum_BC / _length_norm(length, length_penalty), -jnp.inf)
-    pool = _merge_pool(s, score_BC, tokens_BCT, log_probs_BCT, jnp.full_like(token_BC, length),
-                       jnp.where(is_eos_BC, _EOS, _STOP))
+    best = _keep_best(s, score_BC, tokens_BCT, log_probs_BCT, jnp.full_like(token_BC, length),
+                      jnp.where(is_eos_BC, _EOS, _STOP))
     # Reorder the cache so row b * W + w holds the history of the new beam w.
     rows_R = (jnp.arange(batch)[:, None] * beams + _take(parent_BC, keep_BW)).reshape(-1)
     kv = jax.tree.map(lambda x: jnp.take(x, rows_R, axis=x.ndim - 4), s.cache.kv)
     return s._replace(step=length, cache=s.cache._replace(kv=kv), alive_tokens_BWT=_take(tokens_BCT, keep_BW),
                       alive_log_probs_BWT=_take(log_probs_BCT, keep_BW), alive_sum_BW=alive_sum_BW,
-                      alive_recent_BWX=_take(recent_BCX, keep_BW), **pool)
+                      alive_recent_BWX=_take(recent_BCX, keep_BW), **best)
 
   def body(s: _BeamState) -> _BeamState:
     last_R1 = jax.lax.dynamic_slice_in_dim(s.alive_tokens_BWT, s.step - 1, 1, axis=2).reshape(-1, 1)
@@ -104,34 +103,32 @@ def beam_search_loop(params: Params, prompt_BP: jax.Array, start_B: jax.Array, m
   def cond(s: _BeamState) -> jax.Array:
     denominator = _length_norm(jnp.where(length_penalty > 0, max_new_tokens, s.step), length_penalty)
     best_possible_B = jnp.max(s.alive_sum_BW, axis=1) / denominator
-    worst_done_B = jnp.min(s.done_score_BW, axis=1)  # -inf until the pool is full
-    done_B = (best_possible_B < worst_done_B) | jnp.all(s.alive_sum_BW == -jnp.inf, axis=1)
+    done_B = (best_possible_B < s.best_score_B1[:, 0]) | jnp.all(s.alive_sum_BW == -jnp.inf, axis=1)
     return (s.step < max_new_tokens) & ~jnp.all(done_B)
 
   empty_BWT = jnp.zeros((batch, beams, num_new), jnp.int32)
+  empty_B1 = jnp.zeros((batch, 1), jnp.int32)
   state = _BeamState(
       step=jnp.zeros((), jnp.int32), logits_RV=jnp.repeat(logits_BV, beams, axis=0), cache=cache,
       alive_tokens_BWT=empty_BWT, alive_log_probs_BWT=empty_BWT.astype(jnp.float32), alive_sum_BW=alive_sum_BW,
       alive_recent_BWX=jnp.full((batch, beams, stop_MX.shape[1]), -1, jnp.int32),
-      done_tokens_BWT=empty_BWT, done_log_probs_BWT=empty_BWT.astype(jnp.float32),
-      done_score_BW=jnp.full((batch, beams), -jnp.inf), done_length_BW=jnp.zeros((batch, beams), jnp.int32),
-      done_reason_BW=jnp.zeros((batch, beams), jnp.int32))
+      best_tokens_B1T=empty_BWT[:, :1], best_log_probs_B1T=empty_BWT[:, :1].astype(jnp.float32),
+      best_score_B1=jnp.full((batch, 1), -jnp.inf), best_length_B1=empty_B1, best_reason_B1=empty_B1)
   s = jax.lax.while_loop(cond, body, select(state))
   # Beams still alive are hypotheses cut by the length limit (if the loop stopped early they
-  # score below the pool's worst, so they change nothing).
-  pool = _merge_pool(s, s.alive_sum_BW / _length_norm(s.step, length_penalty), s.alive_tokens_BWT,
-                     s.alive_log_probs_BWT, jnp.full_like(s.done_length_BW, s.step),
-                     jnp.full_like(s.done_reason_BW, _LENGTH))
-  return (pool["done_tokens_BWT"][:, 0], pool["done_log_probs_BWT"][:, 0], pool["done_length_BW"][:, 0],
-          pool["done_reason_BW"][:, 0], pool["done_score_BW"][:, 0])
+  # score below the best finished, so they change nothing).
+  best = _keep_best(s, s.alive_sum_BW / _length_norm(s.step, length_penalty), s.alive_tokens_BWT,
+                    s.alive_log_probs_BWT, jnp.full_like(s.alive_sum_BW, s.step, jnp.int32),
+                    jnp.full_like(s.alive_sum_BW, _LENGTH, jnp.int32))
+  return (best["best_tokens_B1T"][:, 0], best["best_log_probs_B1T"][:, 0], best["best_length_B1"][:, 0],
+          best["best_reason_B1"][:, 0], best["best_score_B1"][:, 0])
 
 
-def _merge_pool(s: _BeamState, score_BC: jax.Array, tokens_BCT: jax.Array, log_probs_BCT: jax.Array,
-                length_BC: jax.Array, reason_BC: jax.Array) -> dict[str, jax.Array]:
-  """The W best of the pool and the new hypotheses (score -inf: not a hypothesis), best first."""
-  beams = s.done_score_BW.shape[1]
-  score_BW, keep_BW = jax.lax.top_k(jnp.concatenate([s.done_score_BW, score_BC], axis=1), beams)
-  pick = lambda old, new: _take(jnp.concatenate([old, new], axis=1), keep_BW)  # noqa: E731
-  return dict(done_score_BW=score_BW, done_tokens_BWT=pick(s.done_tokens_BWT, tokens_BCT),
-              done_log_probs_BWT=pick(s.done_log_probs_BWT, log_probs_BCT),
-              done_length_BW=pick(s.done_length_BW, length_BC), done_reason_BW=pick(s.done_reason_BW, reason_BC))
+def _keep_best(s: _BeamState, score_BC: jax.Array, tokens_BCT: jax.Array, log_probs_BCT: jax.Array,
+               length_BC: jax.Array, reason_BC: jax.Array) -> dict[str, jax.Array]:
+  """The better of the best so far and the new hypotheses (score -inf: not a hypothesis)."""
+  score_B1, keep_B1 = jax.lax.top_k(jnp.concatenate([s.best_score_B1, score_BC], axis=1), 1)
+  pick = lambda old, new: _take(jnp.concatenate([old, new], axis=1), keep_B1)  # noqa: E731
+  return dict(best_score_B1=score_B1, best_tokens_B1T=pick(s.best_tokens_B1T, tokens_BCT),
+              best_log_probs_B1T=pick(s.best_log_probs_B1T, log_probs_BCT),
+              best_length_B1=pick(s.best_length_B1, length_BC), best_reason_B1=pick(s.best_reason_B1, reason_BC))

@@ -36,7 +36,8 @@ Params = dict[str, Any]
 # Logical axes of one layer's cached keys or values; scanned caches add "layers" in front.
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 MIN_BUCKET = 8
-FINISH_REASONS = ("length", "eos", "stop")  # codes 0, 1, 2 of the loop's finish_reason_B
+FINISH_REASONS = ("length", "eos", "stop")  # what the loops' reason codes 0, 1, 2 mean
+_EOS, _STOP = FINISH_REASONS.index("eos"), FINISH_REASONS.index("stop")
 
 
 class KVCache(NamedTuple):
@@ -161,8 +162,10 @@ def sample_loop(params: Params, prompt_BP: jax.Array, start_B: jax.Array, max_ne
                 cache_len: int) -> tuple[jax.Array, ...]:
   """Prefill, then one `lax.while_loop` that samples until every row stopped or the budget is spent.
 
-  Row b draws with key fold_in(fold_in(rng, b), step): its randomness depends on the seed,
-  its row index and its step only, never on the other rows or on padding.
+  Returns (tokens_BT, log_probs_BT, length_B, reason_B): row b's tokens are the first
+  length_B[b] of tokens_BT, and reason_B indexes FINISH_REASONS. Row b draws with key
+  fold_in(fold_in(rng, b), step): its randomness depends on the seed, its row index and its
+  step only, never on the other rows or on padding.
   """
   batch, prompt_len = prompt_BP.shape
   num_new = cache_len - prompt_len
@@ -184,7 +187,7 @@ def sample_loop(params: Params, prompt_BP: jax.Array, start_B: jax.Array, max_ne
         log_probs_BT=jax.lax.dynamic_update_slice(s.log_probs_BT, log_probs_B[:, None], (0, s.step)),
         recent_BW=recent_BW,
         done_B=s.done_B | hit_eos_B | hit_stop_B,
-        reason_B=jnp.where(hit_eos_B, 1, jnp.where(hit_stop_B, 2, s.reason_B)),
+        reason_B=jnp.where(hit_eos_B, _EOS, jnp.where(hit_stop_B, _STOP, s.reason_B)),
         length_B=jnp.where(s.done_B, s.length_B, s.step + 1))
 
   def body(s: _LoopState) -> _LoopState:

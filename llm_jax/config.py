@@ -56,7 +56,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss stay float32
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
-  remat: str = "none"  # "none", "full" or "save_matmuls"
+  remat: str = "save_matmuls"  # "none", "full" or "save_matmuls" (fastest measured, see docs/benchmarks.md)
   attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn"
   init_std: float = 0.02
   scaled_residual_init: bool = True  # GPT-2: residual output projections init with std / sqrt(2 x layers)

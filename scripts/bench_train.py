@@ -1,6 +1,6 @@
 """Train-step throughput on random tokens; prints one JSON line.
 
-  python scripts/bench_train.py --preset gpt-10m            # CPU figure of record
+  python scripts/bench_train.py --preset gpt-10m --compare-torch   # CPU figure of record
   python scripts/bench_train.py --preset gpt2-124m --dtype bfloat16 --batch-size 32 --seq-len 1024  # GPU
 
 gpt-10m is fixed: 6 layers, 6 heads, d_model 384, d_ff 1536, seq_len 256, vocab 8192, global
@@ -44,6 +44,8 @@ def main() -> None:
   parser.add_argument("--seq-len", type=int)
   parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
   parser.add_argument("--dtype", default="float32", help="compute dtype")
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also time the nanoGPT-style PyTorch model of scripts/torch_reference.py (gpt2 family)")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = parser.parse_args()
 
@@ -84,7 +86,7 @@ def main() -> None:
   step_time = statistics.median(times)
   tokens_per_sec = batch_size * seq_len / step_time
   flops = stats.flops_per_token(config.model, seq_len)
-  print(json.dumps({
+  result = {
       "preset": args.preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "dtype": args.dtype, "batch_size": batch_size, "seq_len": seq_len,
       "params": stats.count_params(config.model)["params"], "tokens_per_sec": round(tokens_per_sec, 1),
@@ -92,7 +94,23 @@ def main() -> None:
       "mfu": round(flops * tokens_per_sec / peak, 4), "peak_flops": peak, "peak_source": peak_source,
       "flops_per_token": flops, "loss": float(out["loss"]),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-  }))
+  }
+  if args.compare_torch:
+    result.update(torch_figures(config.model, batch_size, seq_len, args.steps, flops, tokens_per_sec))
+  print(json.dumps(result))
+
+
+def torch_figures(model, batch_size: int, seq_len: int, steps: int, flops: float, tokens_per_sec: float) -> dict:
+  """The PyTorch peer in this same process: its tokens/s, its MFU against torch's own matmul rate."""
+  import torch_reference
+  torch_step, torch_loss = torch_reference.median_step_time(
+      model.vocab_size, model.max_len, model.num_layers, model.d_model, model.num_heads, model.d_ff, batch_size,
+      seq_len, steps)
+  torch_tokens = batch_size * seq_len / torch_step
+  torch_peak = torch_reference.matmul_flops()
+  return {"torch_tokens_per_sec": round(torch_tokens, 1), "torch_step_time_s": round(torch_step, 4),
+          "torch_mfu": round(flops * torch_tokens / torch_peak, 4), "torch_peak_flops": torch_peak,
+          "torch_loss": torch_loss, "speedup_vs_torch": round(tokens_per_sec / torch_tokens, 2)}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llm_jax import checkpoint, distributed, sharding
+from llm_jax import checkpoint, distributed, sampling, sharding
 from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -229,10 +229,6 @@ def _measure(step: int, device_metrics: dict, clock: tuple[float, int], tokens_p
 
 def _print_sample(reporter, params, config: config_lib.Config, tokenizer) -> None:
   """One generated sample at each evaluation, so a run shows what its model writes."""
-  try:
-    from llm_jax import sampling
-  except ImportError:  # sampling lands in its own issue; until then runs report losses only
-    return
   s = config.sample
   text = sampling.generate_text(params, config.model, tokenizer, [s.prompt], max_new_tokens=s.max_new_tokens,
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]

@@ -7,9 +7,8 @@ pieces) and wikitext-2 (valid + test, one document per blank-line block) with th
 and with a sentencepiece BPE tokenizer of vocab 8192 that it trains on both corpora in a
 temporary directory. Each figure is the steady-state rate after the first batch (first_batch_s
 is the start-up: reading, counting and the first batch). Prints one JSON line; "ratio" is the
-slowest rate over the training step's consumption (--step-tokens-per-sec: what the gpt-10m
-preset's train step consumes on this CPU; scripts/bench_train.py measures it), and the issue
-asks for at least 20.
+slowest rate over what the gpt-10m preset's train step consumes, measured in the same run with
+scripts/bench_train.py's `measure_step`; the issue asks for at least 20.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import pathlib
 import tempfile
 import time
 
+import bench_train  # scripts/bench_train.py, beside this file
 from llm_jax.config import DataConfig
 from llm_jax.data import pipeline, tokenizer
 
@@ -50,7 +50,6 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shared", type=pathlib.Path, default=REPO.parent / "shared" / "data")
   parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per case")
-  parser.add_argument("--step-tokens-per-sec", type=float, default=1500.0)
   args = parser.parse_args()
   data = corpora(args.shared)
   with tempfile.TemporaryDirectory() as tmp:
@@ -61,10 +60,10 @@ def main() -> None:
     results = {f"{name}/{label}": measure(config, tok, args.seconds)
                for name, config in data.items() for label, tok in (("byte", tokenizer.ByteTokenizer()), ("sp8192", sp))}
   slowest = min(r["tokens_per_sec"] for r in results.values())
+  step = bench_train.measure_step("gpt-10m", steps=10)
   print(json.dumps({"batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "sentencepiece_train_s": round(train_s, 2),
                     "results": results, "min_tokens_per_sec": slowest,
-                    "step_tokens_per_sec": args.step_tokens_per_sec,
-                    "ratio": round(slowest / args.step_tokens_per_sec, 1)}))
+                    "step_tokens_per_sec": step["tokens_per_sec"], "ratio": round(slowest / step["tokens_per_sec"], 1)}))
 
 
 if __name__ == "__main__":

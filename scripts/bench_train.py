@@ -37,26 +37,17 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int)
           "loss_mask": np.ones((batch, seq_len), np.float32)}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="gpt-10m")
-  parser.add_argument("--batch-size", type=int)
-  parser.add_argument("--seq-len", type=int)
-  parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
-  parser.add_argument("--dtype", default="float32", help="compute dtype")
-  parser.add_argument("--compare-torch", action="store_true",
-                      help="also time the nanoGPT-style PyTorch model of scripts/torch_reference.py (gpt2 family)")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-  args = parser.parse_args()
-
-  defaults = DEFAULTS.get(args.preset, dict(batch_size=8, seq_len=1024))
-  batch_size = args.batch_size or defaults["batch_size"]
-  seq_len = args.seq_len or defaults["seq_len"]
-  model = presets.get(args.preset)
+def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len: int | None = None,
+                 steps: int = 25, dtype: str = "float32", overrides: list[str] = ()) -> dict:
+  """Compile time, median step time over `steps` steps after two warm-up steps, tokens/s, MFU."""
+  defaults = DEFAULTS.get(preset, dict(batch_size=8, seq_len=1024))
+  batch_size = batch_size or defaults["batch_size"]
+  seq_len = seq_len or defaults["seq_len"]
+  model = presets.get(preset)
   config = config_lib.Config(model=model, data=config_lib.DataConfig(seq_len=seq_len),
                              train=config_lib.TrainConfig(batch_size=batch_size, steps=1000))
-  config = config_lib.override(config, {"model.dtype": args.dtype, "model.max_len": max(model.max_len, seq_len)})
-  config = config_lib.override(config, args.overrides)
+  config = config_lib.override(config, {"model.dtype": dtype, "model.max_len": max(model.max_len, seq_len)})
+  config = config_lib.override(config, list(overrides))
   config_lib.validate(config, jax.device_count())
 
   peak, peak_source = metrics.peak_flops()
@@ -78,7 +69,7 @@ def main() -> None:
   jax.block_until_ready(out)
 
   times = []
-  for i in range(args.steps):
+  for i in range(steps):
     start = time.perf_counter()
     state, out = train_step(state, batches[i % len(batches)])
     jax.block_until_ready(out)
@@ -86,17 +77,33 @@ def main() -> None:
   step_time = statistics.median(times)
   tokens_per_sec = batch_size * seq_len / step_time
   flops = stats.flops_per_token(config.model, seq_len)
-  result = {
-      "preset": args.preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-      "devices": jax.device_count(), "dtype": args.dtype, "batch_size": batch_size, "seq_len": seq_len,
-      "params": stats.count_params(config.model)["params"], "tokens_per_sec": round(tokens_per_sec, 1),
-      "step_time_s": round(step_time, 4), "compile_s": round(compile_s, 2),
+  return {
+      "preset": preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(), "dtype": dtype, "remat": config.model.remat, "batch_size": batch_size,
+      "seq_len": seq_len, "params": stats.count_params(config.model)["params"],
+      "tokens_per_sec": round(tokens_per_sec, 1), "step_time_s": round(step_time, 4), "compile_s": round(compile_s, 2),
       "mfu": round(flops * tokens_per_sec / peak, 4), "peak_flops": peak, "peak_source": peak_source,
       "flops_per_token": flops, "loss": float(out["loss"]),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="gpt-10m")
+  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--seq-len", type=int)
+  parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
+  parser.add_argument("--dtype", default="float32", help="compute dtype")
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also time the nanoGPT-style PyTorch model of scripts/torch_reference.py (gpt2 family)")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+  args = parser.parse_args()
+  result = measure_step(args.preset, args.batch_size, args.seq_len, args.steps, args.dtype, args.overrides)
   if args.compare_torch:
-    result.update(torch_figures(config.model, batch_size, seq_len, args.steps, flops, tokens_per_sec))
+    model = presets.get(args.preset)
+    result.update(torch_figures(model, result["batch_size"], result["seq_len"], args.steps, result["flops_per_token"],
+                                result["tokens_per_sec"]))
   print(json.dumps(result))
 
 

@@ -75,6 +75,10 @@ def load(path: str | pathlib.Path, model: config_lib.ModelConfig | None = None) 
   """Restores a workdir's latest checkpoint, one step's checkpoint or an export, parameters only.
 
   `model` may change run-time fields (compute dtype, scan layout); the architecture must match.
+  By default the layers come unscanned: decoding a token then reads each layer's weights in
+  place instead of slicing them out of a stack, about twice as fast on CPU (docs/sampling.md).
   """
+  if model is None:
+    model = dataclasses.replace(checkpoint.find_params(path)[1].model, scan_layers=False)
   params, config = checkpoint.restore_params(path, model)
   return Model(config=config, params=params, tokenizer=find_tokenizer(pathlib.Path(path).absolute()))

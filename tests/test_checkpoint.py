@@ -97,15 +97,15 @@ def test_other_architecture_names_first_mismatch(tmp_path):
 def test_export_and_load_parameters_only(tmp_path):
   saved, _ = saved_run(tmp_path / "run", config_lib.MeshConfig(fsdp=8))
   model = llm_jax.load(tmp_path / "run")
-  assert model.config.model == CONFIG.model
-  assert_trees_equal(model.params, saved.params)
+  assert model.config.model == dataclasses.replace(CONFIG.model, scan_layers=False)  # inference layout
+  assert_trees_equal(transformer.stack_layers(model.params), saved.params)
   out = checkpoint.export_params(tmp_path / "run", tmp_path / "export", dtype="bfloat16")
   exported = llm_jax.load(out)
   assert exported.config.model.param_dtype == "bfloat16"
-  leaf = exported.params["layers"]["mlp"]["up_proj"]["kernel"]
+  leaf = exported.params["layers"]["1"]["mlp"]["up_proj"]["kernel"]
   assert leaf.dtype == jax.numpy.bfloat16
   np.testing.assert_array_equal(np.asarray(leaf, np.float32),
-                                np.asarray(saved.params["layers"]["mlp"]["up_proj"]["kernel"].astype("bfloat16"), np.float32))
+                                np.asarray(saved.params["layers"]["mlp"]["up_proj"]["kernel"][1].astype("bfloat16"), np.float32))
   tokens = np.arange(8)[None] % CONFIG.model.vocab_size
   np.testing.assert_allclose(model.logits(tokens), np.asarray(transformer.forward(saved.params, CONFIG.model, tokens)),
                              atol=1e-5)

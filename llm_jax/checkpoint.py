@@ -45,6 +45,12 @@ def architecture(model: config_lib.ModelConfig) -> dict[str, Any]:
   return {k: v for k, v in dataclasses.asdict(model).items() if k not in RUNTIME_FIELDS}
 
 
+def first_difference(saved: config_lib.ModelConfig, wanted: config_lib.ModelConfig) -> str | None:
+  """The first architecture field on which two models differ, or None."""
+  old, new = architecture(saved), architecture(wanted)
+  return next((k for k in new if old.get(k) != new[k]), None)
+
+
 def check_same_architecture(saved: config_lib.ModelConfig, wanted: config_lib.ModelConfig, where: str) -> None:
   """Raises naming the first parameter whose shape differs (or the first differing field)."""
   saved_abstract = _in_layout(transformer.abstract_params(saved), wanted.scan_layers)
@@ -59,11 +65,10 @@ def check_same_architecture(saved: config_lib.ModelConfig, wanted: config_lib.Mo
   extra = sorted(set(saved_leaves) - {n for n, _ in _named_leaves(wanted_abstract)})
   if extra:
     raise CheckpointError(f"{where} has parameter {extra[0]} that this model lacks: it is another architecture")
-  differing = [k for k, v in architecture(wanted).items() if architecture(saved).get(k) != v]
-  if differing:
-    k = differing[0]
-    raise CheckpointError(f"{where} was saved with model.{k}={architecture(saved)[k]!r} but this run has "
-                          f"model.{k}={architecture(wanted)[k]!r}")
+  field = first_difference(saved, wanted)
+  if field:
+    raise CheckpointError(f"{where} was saved with model.{field}={getattr(saved, field)!r} but this run has "
+                          f"model.{field}={getattr(wanted, field)!r}")
 
 
 def _named_leaves(tree: Any) -> list[tuple[str, Any]]:

@@ -67,12 +67,11 @@ def prepare_workdir(config: config_lib.Config, workdir: pathlib.Path, fresh: boo
         path.unlink()
   saved = workdir / "config.json"
   if saved.is_file() and not fresh:
-    old = config_lib.load_json(saved)
-    if checkpoint.architecture(old.model) != checkpoint.architecture(config.model):
-      field = next(k for k, v in checkpoint.architecture(config.model).items() if checkpoint.architecture(old.model)[k] != v)
-      raise WorkdirError(
-          f"{workdir} holds a run with model.{field}={checkpoint.architecture(old.model)[field]!r}, this config has "
-          f"{config.model.__getattribute__(field)!r}; use another --workdir or pass --fresh to start it over")
+    old = config_lib.load_json(saved).model
+    field = checkpoint.first_difference(old, config.model)
+    if field:
+      raise WorkdirError(f"{workdir} holds a run with model.{field}={getattr(old, field)!r}, this config has "
+                         f"{getattr(config.model, field)!r}; use another --workdir or pass --fresh to start it over")
   workdir.mkdir(parents=True, exist_ok=True)
 
 

@@ -18,7 +18,6 @@ def get_config() -> config_lib.Config:
           dtype="bfloat16",  # compute; parameters and optimizer state stay float32
           scan_layers=True,
           remat="save_matmuls",
-          attention="cudnn",  # the cuDNN kernel on GPUs; XLA elsewhere
       )).model,
       mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1),
       optim=config_lib.OptimConfig(learning_rate=6e-4, warmup_steps=700, schedule="cosine", weight_decay=0.1,

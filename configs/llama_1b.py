@@ -16,7 +16,6 @@ def get_config() -> config_lib.Config:
           dtype="bfloat16",
           scan_layers=True,
           remat="full",  # 16 layers x 2048 tokens of activations would not fit otherwise
-          attention="cudnn",
       )).model,
       mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1),
       optim=config_lib.OptimConfig(learning_rate=3e-4, warmup_steps=2000, schedule="wsd", decay_fraction=0.2,

@@ -57,7 +57,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
   remat: str = "save_matmuls"  # "none", "full" or "save_matmuls" (fastest measured, see docs/benchmarks.md)
-  attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" or "cudnn"
+  attention: str = "auto"  # "auto" (cudnn on GPU, einsum on CPU, xla on TPU), "xla", "cudnn" or "einsum"
   init_std: float = 0.02
   scaled_residual_init: bool = True  # GPT-2: residual output projections init with std / sqrt(2 x layers)
   embed_dropout: float = 0.0
@@ -164,7 +164,7 @@ _CHOICES = {
     "model.rope_scaling": ("none", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
     "model.remat": ("none", "full", "save_matmuls"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "einsum"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),

@@ -159,6 +159,37 @@ def test_sliding_window_against_reference(window):
   assert np.abs(np.asarray(windowed[:, window:] - full[:, window:])).max() > 1e-4
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_blocked_attention_matches_reference(blocks):
+  """Query blocks that skip later keys give exact attention, across documents and windows."""
+  rng = jax.random.split(jax.random.key(5), 3)
+  q = jax.random.normal(rng[0], (2, 16, 4, 8))
+  k, v = (jax.random.normal(r, (2, 16, 2, 8)) for r in rng[1:])
+  segments = jnp.array([[1] * 5 + [2] * 11, [1] * 16])
+  positions = jnp.array([list(range(5)) + list(range(11)), list(range(16))])
+  for window in (0, 3):
+    mask = layers.attention_mask(segments, segments, positions, positions, window)
+    np.testing.assert_allclose(layers.blocked_attention(q, k, v, mask, blocks), reference_attention(q, k, v, mask),
+                               atol=1e-5)
+
+
+def test_einsum_attention_equals_dot_product_attention_in_the_model():
+  cfg = dataclasses.replace(LLAMA, max_len=256)
+  params = params_for(cfg)
+  tokens = random_tokens((1, 256), cfg.vocab_size)  # long enough for two causal blocks
+  assert transformer._causal_blocks(256) == 2
+
+  def loss(p, attention):
+    return transformer.forward(p, dataclasses.replace(cfg, attention=attention), tokens).mean()
+
+  for attention in ("einsum", "xla"):
+    assert transformer.attention_implementation(dataclasses.replace(cfg, attention=attention)) == attention
+  np.testing.assert_allclose(loss(params, "einsum"), loss(params, "xla"), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               jax.jit(jax.grad(loss), static_argnums=1)(params, "einsum"),
+               jax.jit(jax.grad(loss), static_argnums=1)(params, "xla"))
+
+
 def test_llama31_rope_scaling_changes_only_low_frequencies():
   plain = layers.rope_inv_freq(128, 500000.0)
   scaled = layers.rope_inv_freq(128, 500000.0, "llama3", 8.0, 1.0, 4.0, 8192)

@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
 # The test command: set up .venv with the dev and hf extras, then run the whole suite.
 #   bash scripts/test.sh [pytest args]
+# First, in a second environment (.venv-tf) with the tf extra, the one test that needs
+# TensorFlow (tfrecord through tf.data); the main environment has no TensorFlow on purpose,
+# because the offline TFDS path must be shown to work without it.
 set -euo pipefail
-EXTRAS=dev,hf source "$(dirname "$0")/setup_env.sh"
+cd "$(dirname "$0")/.."
+if [ -z "${LLM_JAX_SKIP_TF_STAGE:-}" ]; then
+  [ -x .venv-tf/bin/python ] || python3 -m venv .venv-tf
+  .venv-tf/bin/python -m pip install -q --upgrade pip
+  .venv-tf/bin/python -m pip install -q -e ".[dev,tf]"
+  LLM_JAX_EXPECT_TF=1 .venv-tf/bin/python -m pytest -q -p no:cacheprovider tests/test_tfrecord.py
+fi
+EXTRAS=dev,hf source scripts/setup_env.sh
 python -m pytest -q "$@"

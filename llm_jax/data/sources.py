@@ -322,7 +322,7 @@ def prepare(name: str, from_file: str, data_dir: str) -> str:
   return str(builder.data_dir)
 
 
-def _tiny_shakespeare_builder(source_file: str | None, data_dir: str):
+def _tiny_shakespeare_builder(source_file: str | None, data_dir: str, file_format: str = "array_record"):
   """The stock TFDS tiny_shakespeare builder with its download step replaced.
 
   The stock `_split_generators` fetches input.txt and reads it through `tf.io.gfile`, which needs
@@ -349,7 +349,7 @@ def _tiny_shakespeare_builder(source_file: str | None, data_dir: str):
       return [tfds.core.SplitGenerator(name=split, gen_kwargs={"split_key": split, "split_text": text})
               for split, text in splits.items()]
 
-  return OfflineTinyShakespeare(data_dir=data_dir or None, file_format="array_record")
+  return OfflineTinyShakespeare(data_dir=data_dir or None, file_format=file_format)
 
 
 # ----------------------------------------------------------------------------- selection

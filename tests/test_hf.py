@@ -8,6 +8,7 @@ round trips in both directions.
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -418,3 +419,29 @@ def test_foreign_sentencepiece_tokenizer_travels_both_ways(tmp_path, llama_dir):
   out = hf.import_hf(hf_folder_with_tokenizer(tmp_path, llama_dir, model_file), tmp_path / "work")
   back = pathlib.Path(hf.export_hf(out, tmp_path / "back"))
   assert (back / "tokenizer.model").read_bytes() == model_file.read_bytes()
+  # The imported workdir loads with that tokenizer's own ids and generates what greedy decoding gives.
+  loaded = llm_jax.load(out)
+  assert (loaded.tokenizer.unk_id, loaded.tokenizer.bos_id, loaded.tokenizer.eos_id) == (0, 1, 2)
+  detail = loaded.generate(["the quick"], max_new_tokens=6, return_details=True)[0]
+  prompt = np.asarray([loaded.tokenizer.encode("the quick")], np.int32)
+  expected = greedy(loaded.params, loaded.config.model, prompt, 6)[0].tolist()
+  assert detail["token_ids"] == expected[:len(detail["token_ids"])]
+  assert len(detail["token_ids"]) == 6 or detail["token_ids"][-1] == 2
+
+
+def test_fine_tune_an_imported_model_through_the_cli(tmp_path, llama_dir):
+  """`train.init_from` takes an imported workdir: one step at learning rate 0 keeps its weights."""
+  work = tmp_path / "work"
+  assert convert("--from-hf", str(llama_dir), "--out", str(work)).returncode == 0
+  (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+  import sentencepiece as spm  # a 30-piece tokenizer fits the imported model's 256-entry vocabulary
+  spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=30,
+                                 minloglevel=2)
+  result = subprocess.run(
+      [sys.executable, "-m", "llm_jax", "train", "--config", str(work / "config.json"), "--workdir",
+       str(tmp_path / "tuned"), f"train.init_from={work}", f"data.source=text:{tmp_path / 'text.txt'}",
+       f"data.tokenizer={tmp_path / 'sp.model'}", "train.steps=1", "train.batch_size=8", "train.eval_every=0", "optim.learning_rate=0",
+       "optim.warmup_steps=0"], capture_output=True, text=True, env={**os.environ, "CI": "true"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"starting from the parameters of {work}" in result.stdout
+  jax.tree.map(np.testing.assert_array_equal, llm_jax.load(tmp_path / "tuned").params, llm_jax.load(work).params)

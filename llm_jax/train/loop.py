@@ -227,9 +227,15 @@ def _measure(step: int, device_metrics: dict, clock: tuple[float, int], tokens_p
 
 
 def _print_sample(reporter, params, config: config_lib.Config, tokenizer) -> None:
-  """One generated sample at each evaluation, so a run shows what its model writes."""
+  """One generated sample at each evaluation, so a run shows what its model writes.
+
+  The sample is cut to fit the model's context: a short-context model still trains.
+  """
   s = config.sample
-  text = sampling.generate_text(params, config.model, tokenizer, [s.prompt], max_new_tokens=s.max_new_tokens,
+  room = config.model.max_len - max(len(tokenizer.encode(s.prompt)), 1)
+  if room <= 0:
+    return
+  text = sampling.generate_text(params, config.model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]
   reporter.message(f"--- sample ---\n{s.prompt}{text}\n--------------")
 

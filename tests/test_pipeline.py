@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from llm_jax import sharding
 from llm_jax.config import DataConfig
 from llm_jax.data import pipeline, sources
 from llm_jax.data.sources import DataError
@@ -171,7 +172,7 @@ def test_global_arrays_on_a_mesh_equal_the_host_batch(tmp_path, shape):
   iterator = pipeline.make_batches(data, BYTES, batch_size=16, seed=0, mesh=mesh)
   batch = next(iterator)
   assert all(isinstance(v, jax.Array) and v.shape == (16, 16) for v in batch.values())
-  assert batch["inputs"].sharding.is_equivalent_to(pipeline.batch_sharding(mesh), 2)
+  assert batch["inputs"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
   assert batch["loss_mask"].dtype == np.float32
   assert_same([{k: np.asarray(v) for k, v in batch.items()}] + take(iterator, 2), host)
 
@@ -217,6 +218,7 @@ def test_tfds_tiny_shakespeare_end_to_end(tmp_path, shared_data):
 
 WORKER_SCRIPT = """
 import json
+from llm_jax import sharding
 from llm_jax.config import DataConfig
 from llm_jax.data import pipeline, tokenizer
 

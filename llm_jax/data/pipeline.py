@@ -40,15 +40,16 @@ from typing import Any, Iterator, Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
+from llm_jax import sharding
 from llm_jax.config import DataConfig
 from llm_jax.data import sources
 from llm_jax.data.sources import DataError, Documents
 from llm_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, Any]  # numpy arrays on the host (mesh=None) or global jax.Arrays
-_BATCH_AXES = ("data", "fsdp")
+_BATCH_AXES = sharding.RULES["batch"]  # the mesh axes the rows are split over
 _COUNT_CHUNK = 256  # pieces tokenized per call while counting a split's tokens
 
 log = logging.getLogger(__name__)
@@ -268,11 +269,6 @@ class BatchIterator:
     self.close()
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows over (data, fsdp), the sequence whole: how the step expects its batch."""
-  return NamedSharding(mesh, P(_BATCH_AXES, None))
-
-
 def _local_rows(batch_size: int, mesh: Mesh | None) -> list[int]:
   """The global row indices this process builds: those its devices hold (or its equal share)."""
   if mesh is None:
@@ -287,7 +283,7 @@ def _local_rows(batch_size: int, mesh: Mesh | None) -> list[int]:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % shards:
     raise DataError(f"batch size {batch_size} is not divisible by mesh data x fsdp = {shards}; use a multiple of {shards}")
-  held = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+  held = sharding.batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
   return sorted({row for index in held for row in range(*index[0].indices(batch_size))})
 
 
@@ -342,7 +338,7 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
     options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, data.prefetch))
     dataset = _MergedParts(dataset.mp_prefetch(options), workers)
   if mesh is not None:
-    dataset = dataset.map(functools.partial(_to_global, batch_sharding(mesh), batch_size))
+    dataset = dataset.map(functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size))
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
   header = {"split": split, "data": docs.name, "pieces": len(docs), "vocab_size": tokenizer.vocab_size,
             "batch_size": batch_size, "seq_len": data.seq_len, "seed": seed if split == "train" else None,

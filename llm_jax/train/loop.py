@@ -87,12 +87,12 @@ def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool)
 
 def evaluate(eval_step, params, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
   """Loss over `train.eval_batches` batches of the validation split, the same batches every time."""
-  batches = pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size,
-                                  seed=config.train.seed, mesh=mesh, split="eval")
   totals = None
-  for _, batch in zip(range(config.train.eval_batches), batches):
-    sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  with pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
+                             mesh=mesh, split="eval") as batches:
+    for _, batch in zip(range(config.train.eval_batches), batches):
+      sums = eval_step(params, batch)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   loss = float(totals["ce_sum"] / max(totals["tokens"], 1.0))
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -192,6 +192,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
       signal.signal(sig, handler)
     ckpt.close()
     reporter.close()
+    batches.close()
   return last
 
 

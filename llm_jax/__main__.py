@@ -1,8 +1,6 @@
 """`python -m llm_jax` is the `llm-jax` command."""
 
-import sys
-
-from llm_jax.cli import main
+from llm_jax.cli import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

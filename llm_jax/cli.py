@@ -12,6 +12,7 @@ import json
 import sys
 
 from llm_jax import config as config_lib
+from llm_jax import host_memory
 from llm_jax.errors import UserError
 
 
@@ -157,5 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `llm-jax` program: `main` in a process whose malloc asks for huge pages (host_memory)."""
+  host_memory.reexec_with_huge_pages()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

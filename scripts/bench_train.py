@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax import sharding
+from llm_jax import host_memory, sharding
 from llm_jax.model import presets, stats
 from llm_jax.train import metrics, optim
 from llm_jax.train import state as state_lib
@@ -68,12 +69,14 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
   state, out = train_step(state, batches[1])
   jax.block_until_ready(out)
 
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times = []
   for i in range(steps):
     start = time.perf_counter()
     state, out = train_step(state, batches[i % len(batches)])
     jax.block_until_ready(out)
     times.append(time.perf_counter() - start)
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
   step_time = statistics.median(times)
   tokens_per_sec = batch_size * seq_len / step_time
   flops = stats.flops_per_token(config.model, seq_len)
@@ -85,10 +88,12 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
       "mfu": round(flops * tokens_per_sec / peak, 4), "peak_flops": peak, "peak_source": peak_source,
       "flops_per_token": flops, "loss": float(out["loss"]),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "page_faults_per_step": round(faults_per_step), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 
 def main() -> None:
+  host_memory.reexec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="gpt-10m")
   parser.add_argument("--batch-size", type=int)

@@ -1,0 +1,58 @@
+"""The CLI's re-execution with glibc's huge-page tunable (llm_jax/host_memory.py), in real processes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax import host_memory
+
+# Prints a marker, re-executes, then mallocs and touches 64 MiB (through libc itself: numpy
+# asks for huge pages on its own) and reports how much anonymous memory sits in huge pages.
+CHILD = """
+import ctypes, os
+from llm_jax import host_memory
+print("started", flush=True)
+host_memory.reexec_with_huge_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 * 2**20)
+ctypes.memset(block, 1, 64 * 2**20)
+huge_kb = sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
+print("huge_mb", huge_kb // 1024)
+"""
+
+needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_available(),
+                                      reason="needs glibc >= 2.35 and transparent huge pages not set to never")
+
+
+def run_child(**env) -> dict:
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LLM_JAX_HUGE_PAGES")}
+  out = subprocess.run([sys.executable, "-c", CHILD], env={**base, **env}, capture_output=True, text=True,
+                       timeout=120, check=True).stdout.split("\n")
+  fields = dict(line.split(" ", 1) if " " in line else (line, "") for line in out if line)
+  fields["starts"] = out.count("started")
+  return fields
+
+
+@needs_huge_pages
+def test_reexec_once_and_large_buffers_get_huge_pages():
+  child = run_child()
+  assert child["starts"] == 2  # the original process and its one re-execution, no loop
+  assert child["tunables"] == host_memory.TUNABLE
+  assert int(child["huge_mb"]) >= 32
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("env", [{"LLM_JAX_HUGE_PAGES": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}],
+                         ids=["opted-out", "user-tunables"])
+def test_no_reexec_when_opted_out_or_tunables_set(env):
+  child = run_child(**env)
+  assert child["starts"] == 1
+  assert child["tunables"] == env.get("GLIBC_TUNABLES", "")
+  with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+    madvise_only = "[madvise]" in f.read()
+  if madvise_only:  # the kernel then gives huge pages only where malloc asks for them
+    assert int(child["huge_mb"]) < 32

@@ -173,6 +173,23 @@ def test_blocked_attention_matches_reference(blocks):
                                atol=1e-5)
 
 
+def test_attention_dropout_drops_probabilities():
+  """Dropping the unnormalised weights and dividing by the full sum is dropout on the softmax."""
+  rng = jax.random.split(jax.random.key(6), 4)
+  q = jax.random.normal(rng[0], (2, 8, 4, 8))
+  k, v = (jax.random.normal(r, (2, 8, 2, 8)) for r in rng[1:3])
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  mask = layers.attention_mask(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32), positions, positions)
+  out = layers.blocked_attention(q, k, v, mask, 1, dropout_rate=0.5, rng=rng[3])
+
+  keep_BGRLS = layers.dropout(jnp.ones((2, 2, 2, 8, 8)), 0.5, jax.random.split(rng[3], 1)[0])
+  logits = jnp.einsum("blgrk,bsgk->bgrls", q.reshape(2, 8, 2, 2, 8), k) / math.sqrt(8)
+  probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -jnp.inf), axis=-1)
+  expected = jnp.einsum("bgrls,bsgk->blgrk", probs * keep_BGRLS, v).reshape(q.shape)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert np.abs(np.asarray(out - layers.blocked_attention(q, k, v, mask, 1))).max() > 1e-2
+
+
 def test_einsum_attention_equals_dot_product_attention_in_the_model():
   cfg = dataclasses.replace(LLAMA, max_len=256)
   params = params_for(cfg)

@@ -106,31 +106,41 @@ def blocked_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, m
   With `causal_blocks` > 1 the keys must be the queries' own sequence (self-attention, no
   cache): then no key after a query's index can be visible to it, whatever the segments and
   positions, and skipping those keys saves up to half of the work.
+
+  Laid out for CPUs, where each choice below measured faster forward and backward: heads
+  first ([B, G, R, L, K]) so every head's products are contiguous, the 1/sqrt(K) scale on the
+  queries rather than the logits, the mask as an additive bias (its gradient is the identity,
+  not a select), and the softmax normalised after the product with the values, on [L, K]
+  instead of [L, S].
   """
   length = q_BLHK.shape[1]
   if length % causal_blocks or k_BSGK.shape[1] != length:
     causal_blocks = 1
   size = length // causal_blocks
+  batch, _, heads, head_dim = q_BLHK.shape
+  kv_heads = k_BSGK.shape[2]
+  q_BGRLK = (q_BLHK * (1.0 / math.sqrt(head_dim))).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  q_BGRLK = q_BGRLK.transpose(0, 2, 3, 1, 4)
+  k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
+  bias_BLS = jnp.where(mask_BLS, 0.0, -1e30).astype(jnp.float32)
   rngs = [None] * causal_blocks if rng is None else list(jax.random.split(rng, causal_blocks))
   outputs = []
   for i in range(causal_blocks):
     end = (i + 1) * size if causal_blocks > 1 else k_BSGK.shape[1]
-    outputs.append(_attend(q_BLHK[:, i * size:(i + 1) * size], k_BSGK[:, :end], v_BSGK[:, :end],
-                           mask_BLS[:, i * size:(i + 1) * size, :end], dropout_rate, rngs[i]))
-  return outputs[0] if causal_blocks == 1 else jnp.concatenate(outputs, axis=1)
+    outputs.append(_attend(q_BGRLK[:, :, :, i * size:(i + 1) * size], k_BGSK[:, :, :end], v_BGSK[:, :, :end],
+                           bias_BLS[:, i * size:(i + 1) * size, :end], dropout_rate, rngs[i]))
+  out_BGRLK = outputs[0] if causal_blocks == 1 else jnp.concatenate(outputs, axis=3)
+  return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(q_BLHK.shape)
 
 
-def _attend(q_BLHK, k_BSGK, v_BSGK, mask_BLS, dropout_rate, rng):
-  heads, kv_heads, head_dim = q_BLHK.shape[2], k_BSGK.shape[2], q_BLHK.shape[3]
-  q_BLGRK = q_BLHK.reshape(*q_BLHK.shape[:2], kv_heads, heads // kv_heads, head_dim)
-  logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
-  logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS / math.sqrt(head_dim), -1e30)
-  # exp / sum written out: on CPU it runs faster forward and backward than jax.nn.softmax.
+def _attend(q_BGRLK, k_BGSK, v_BGSK, bias_BLS, dropout_rate, rng):
+  logits_BGRLS = jnp.einsum("bgrlk,bgsk->bgrls", q_BGRLK, k_BGSK, preferred_element_type=jnp.float32)
+  logits_BGRLS = logits_BGRLS + bias_BLS[:, None, None]
   unnormalized = jnp.exp(logits_BGRLS - jax.lax.stop_gradient(logits_BGRLS.max(-1, keepdims=True)))
-  probs = unnormalized / unnormalized.sum(-1, keepdims=True)
-  probs = dropout(probs, dropout_rate, rng).astype(v_BSGK.dtype)
-  out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BSGK)
-  return out_BLGRK.reshape(q_BLHK.shape)
+  # Dropping unnormalised weights and dividing by the undropped sum is dropout on the probabilities.
+  weights = dropout(unnormalized, dropout_rate, rng).astype(v_BGSK.dtype)
+  out_BGRLK = jnp.einsum("bgrls,bgsk->bgrlk", weights, v_BGSK, preferred_element_type=jnp.float32)
+  return (out_BGRLK / unnormalized.sum(-1)[..., None]).astype(v_BGSK.dtype)
 
 
 def mlp_activation(up_BLF: jax.Array, gate_BLF: jax.Array | None, kind: str) -> jax.Array:

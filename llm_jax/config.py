@@ -76,6 +76,7 @@ class MeshConfig:
   data: int = 1
   fsdp: int = -1  # -1 takes every device the other axes leave
   tensor: int = 1
+  cpu_devices: int = 0  # CPU hosts: split each into this many XLA devices (0 = one); see distributed.py
   coordinator_address: str = ""  # "host:port" for jax.distributed; "" = auto (TPU, SLURM) or single process
   num_processes: int = 0  # 0 = from the environment
   process_id: int = -1  # -1 = from the environment
@@ -306,6 +307,8 @@ def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   for name, size in zip(names, sizes):
     if size == 0 or size < -1:
       raise ConfigError(f"{name}={size}: expected a positive size or -1 (the remaining devices)")
+  if mesh.cpu_devices < 0:
+    raise ConfigError(f"mesh.cpu_devices={mesh.cpu_devices}: expected 0 (one device per CPU host) or a positive count")
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:

@@ -1,6 +1,8 @@
-"""Joining several processes into one JAX runtime (multi-host TPU/GPU, or localhost tests).
+"""The JAX runtime a mesh runs on: the CPU device count, and several processes joined into one.
 
-Called once, before any other JAX call, by every command that builds a mesh. Three ways in:
+Called once, before any other JAX call, by every command that builds a mesh. First
+`mesh.cpu_devices` splits a CPU host into that many XLA devices. Then processes join (multi-host
+TPU/GPU, or localhost tests), three ways in:
 an explicit `mesh.coordinator_address` (+ `mesh.num_processes`, `mesh.process_id`), the same
 three through jax's environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID), or jax's automatic detection on TPU VMs and SLURM. With none of them the
@@ -13,13 +15,14 @@ import os
 
 import jax
 
-from llm_jax.config import MeshConfig
+from llm_jax.config import ConfigError, MeshConfig
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def initialize(mesh: MeshConfig) -> None:
-  """Initializes `jax.distributed` when the config or the environment asks for it."""
+  """Sets the CPU device count, then initializes `jax.distributed` when config or environment ask."""
+  set_cpu_devices(mesh.cpu_devices)
   if jax.distributed.is_initialized():
     return
   address = mesh.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
@@ -29,3 +32,23 @@ def initialize(mesh: MeshConfig) -> None:
     jax.distributed.initialize(address, num_processes=num, process_id=None if pid < 0 else pid)
   elif any(name in os.environ for name in _CLUSTER_ENV):
     jax.distributed.initialize()  # jax detects TPU VMs and SLURM allocations itself
+
+
+def set_cpu_devices(count: int) -> None:
+  """`mesh.cpu_devices`: how many XLA devices each CPU host becomes (0 leaves XLA's one).
+
+  Why: one CPU device spreads every op over all cores, and the step's many small and
+  memory-bound ops split poorly; two devices each running half the batch (data parallel) took
+  the gpt-10m step on 2 cores from 0.68 s to 0.63 s (docs/benchmarks.md). A single-device matmul
+  still uses every core, so the CPU peak that MFU is measured against does not change.
+  Accelerator hosts are unaffected: their meshes are made of the accelerators.
+  """
+  if not count:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # JAX has started its backends: fine if they already have that many
+    have = len(jax.devices("cpu"))
+    if have != count:
+      raise ConfigError(f"mesh.cpu_devices={count}, but JAX already runs with {have} CPU devices; set it in a "
+                        "fresh process, before any JAX computation") from None

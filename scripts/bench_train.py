@@ -1,6 +1,6 @@
 """Train-step throughput on random tokens; prints one JSON line.
 
-  python scripts/bench_train.py --preset gpt-10m --compare-torch   # CPU figure of record
+  python scripts/bench_train.py --preset gpt-10m --compare-torch mesh.cpu_devices=2 mesh.data=2 mesh.fsdp=1  # CPU
   python scripts/bench_train.py --preset gpt2-124m --dtype bfloat16 --batch-size 32 --seq-len 1024  # GPU
 
 gpt-10m is fixed: 6 layers, 6 heads, d_model 384, d_ff 1536, seq_len 256, vocab 8192, global
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax import host_memory, sharding
+from llm_jax import distributed, host_memory, sharding
 from llm_jax.model import presets, stats
 from llm_jax.train import metrics, optim
 from llm_jax.train import state as state_lib
@@ -49,6 +49,7 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
                              train=config_lib.TrainConfig(batch_size=batch_size, steps=1000))
   config = config_lib.override(config, {"model.dtype": dtype, "model.max_len": max(model.max_len, seq_len)})
   config = config_lib.override(config, list(overrides))
+  distributed.set_cpu_devices(config.mesh.cpu_devices)
   config_lib.validate(config, jax.device_count())
 
   peak, peak_source = metrics.peak_flops()

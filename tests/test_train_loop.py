@@ -66,6 +66,8 @@ def test_train_command_end_to_end(shared_data, tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
   assert list((workdir / "tensorboard").iterdir())
   assert "step 40 |" in result.stdout and "loss" in result.stdout  # plain lines in CI
+  # the config's mesh.cpu_devices=2 overrides the 8 devices of this test process's XLA_FLAGS
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
 
 
 @pytest.mark.slow
@@ -150,9 +152,9 @@ def test_two_processes_equal_one_process_with_eight_devices(shared_data, tmp_pat
   common = ["train.steps=6", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
             "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
   single = tmp_path / "single"
-  assert train(tiny_run_args(shared_data, single, *common)).returncode == 0
+  assert train(tiny_run_args(shared_data, single, *common, "mesh.cpu_devices=8")).returncode == 0
   multi = tmp_path / "multi"
-  args = tiny_run_args(shared_data, multi, *common)[3:]  # drop python -m llm_jax
+  args = tiny_run_args(shared_data, multi, *common, "mesh.cpu_devices=4")[3:]  # drop python -m llm_jax
   run_processes(f"import sys\nfrom llm_jax import cli\nsys.exit(cli.main({args!r}))", num_processes=2,
                 devices_per_process=4, timeout=400, env={"CI": "true"})
   expected, got = read_metrics(single), read_metrics(multi)

@@ -1,5 +1,8 @@
 """The jitted train step: sharding invariance, accumulation, decay mask, schedules, one compile."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,8 @@ import optax
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import sharding
+from llm_jax import distributed, sharding
+from llm_jax.config import ConfigError
 from llm_jax.model import presets
 from llm_jax.train import optim
 from llm_jax.train import state as state_lib
@@ -137,3 +141,16 @@ def test_loss_mask_and_z_loss():
   log_z = jax.nn.logsumexp(logits, -1)
   np.testing.assert_allclose(step_lib.loss_sums(params, z_cfg, batch)[0],
                              total + 1e-2 * (log_z**2 * batch["loss_mask"]).sum(), rtol=1e-5)
+
+
+def test_cpu_device_count_is_set_before_jax_starts_and_checked_after():
+  """`mesh.cpu_devices` in a fresh process gives that many devices; once JAX runs, only a match passes."""
+  code = ("import jax\nfrom llm_jax import distributed\nfrom llm_jax.config import MeshConfig\n"
+          "distributed.initialize(MeshConfig(cpu_devices=3))\nprint(jax.device_count())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.split() == ["3"]  # the 8 devices of this test process's XLA_FLAGS are overridden
+  distributed.set_cpu_devices(jax.device_count())  # this process already runs with 8: a match is fine
+  with pytest.raises(ConfigError, match="already runs with 8 CPU devices"):
+    distributed.set_cpu_devices(2)
+  with pytest.raises(ConfigError, match="mesh.cpu_devices=-1"):
+    config_lib.validate(config_lib.Config(mesh=config_lib.MeshConfig(cpu_devices=-1)), 8)

@@ -105,6 +105,8 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   workdir = pathlib.Path(workdir).absolute()
   prepare_workdir(config, workdir, fresh)
   mesh = sharding.make_mesh(config.mesh)
+  # Before the data pipeline's threads start: on CPU the peak is measured, and they would share the cores.
+  peak, peak_source = metrics_lib.peak_flops()
   total = config.train.steps
   optimizer = optim.make_optimizer(config.optim, total)
   lr_schedule = optim.schedule(config.optim, total)
@@ -131,7 +133,6 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   train_step, eval_step = step_lib.compile_steps(config, optimizer, lr_schedule, mesh, shardings)
   tokens_per_step = config.train.batch_size * config.data.seq_len
   flops_per_token = stats.flops_per_token(config.model, config.data.seq_len)
-  peak, peak_source = metrics_lib.peak_flops()
   reporter = metrics_lib.Reporter(workdir, total, start or 0)
   reporter.message(f"llm-jax: {stats.count_params(config.model)['params']:,} parameters, mesh {dict(mesh.shape)}, "
                    f"MFU against {peak_source} ({peak / 1e9:,.0f} GFLOP/s)")

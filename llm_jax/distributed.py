@@ -1,12 +1,11 @@
 """The JAX runtime a mesh runs on: the CPU device count, and several processes joined into one.
 
 Called once, before any other JAX call, by every command that builds a mesh. First
-`mesh.cpu_devices` splits a CPU host into that many XLA devices. Then processes join (multi-host
-TPU/GPU, or localhost tests), three ways in:
-an explicit `mesh.coordinator_address` (+ `mesh.num_processes`, `mesh.process_id`), the same
-three through jax's environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID), or jax's automatic detection on TPU VMs and SLURM. With none of them the
-run is a single process and nothing is initialized.
+`mesh.cpu_devices` splits a CPU host into that many XLA devices. Then processes join
+(multi-host TPU/GPU, or localhost tests), three ways in: an explicit `mesh.coordinator_address`
+(+ `mesh.num_processes`, `mesh.process_id`), the same three through jax's environment variables
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or jax's automatic detection on
+TPU VMs and SLURM. With none of them the run is a single process and nothing is initialized.
 """
 
 from __future__ import annotations

@@ -158,10 +158,32 @@ def test_state_from_another_setup_is_refused(tmp_path):
   data = DataConfig(source=corpus(tmp_path, [100] * 10), seq_len=16)
   state = pipeline.make_batches(data, BYTES, batch_size=4, seed=3, mesh=None).get_state()
   other = pipeline.make_batches(data, BYTES, batch_size=8, seed=3, mesh=None)
-  with pytest.raises(DataError, match="state has batch_size=4 but this run has 8"):
+  with pytest.raises(DataError, match="this run has train.batch_size=8 but its checkpoint was saved with 4"):
     other.set_state(state)
-  with pytest.raises(DataError, match="state has seed=3 but this run has 4"):
+  with pytest.raises(DataError, match="this run has train.seed=4 but its checkpoint was saved with 3"):
     pipeline.make_batches(data, BYTES, batch_size=4, seed=4, mesh=None).set_state(state)
+
+
+def test_state_resumes_on_another_device_layout(tmp_path):
+  """The state is keyed by global row: saved on a 2x4 mesh, it resumes on one device and on 1x2x4."""
+  data = DataConfig(source=corpus(tmp_path, [40 + 9 * i for i in range(30)]), seq_len=16)
+  uninterrupted = take(pipeline.make_batches(data, BYTES, batch_size=8, seed=2, mesh=None), 5)
+  iterator = pipeline.make_batches(data, BYTES, batch_size=8, seed=2, mesh=mesh_of(2, 4, 1))
+  take(iterator, 3)
+  state = json.loads(json.dumps(iterator.get_state()))
+  assert sorted(map(int, state["iterator"]["streams"])) == list(range(8))
+  for mesh in (None, mesh_of(1, 2, 4)):
+    resumed = pipeline.make_batches(data, BYTES, batch_size=8, seed=2, mesh=mesh)
+    resumed.set_state(state)
+    assert_same(take(resumed, 2), uninterrupted[3:])
+
+
+def test_state_with_another_seq_len_names_the_setting(tmp_path):
+  data = DataConfig(source=corpus(tmp_path, [100] * 10), seq_len=16)
+  state = pipeline.make_batches(data, BYTES, batch_size=4, seed=3, mesh=None).get_state()
+  longer = pipeline.make_batches(dataclasses.replace(data, seq_len=32), BYTES, batch_size=4, seed=3, mesh=None)
+  with pytest.raises(DataError, match=r"this run has data.seq_len=32 but its checkpoint was saved with 16; resume"):
+    longer.set_state(state)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 1), (1, 8, 1), (1, 2, 4)])
@@ -271,7 +293,7 @@ for _ in range(3):
   full = {{k: multihost_utils.process_allgather(v, tiled=True).tolist() for k, v in batch.items()}}
   batches.append({{"local": local, "full": full}})
 print(json.dumps({{"process": jax.process_index(), "local_devices": jax.local_device_count(),
-                  "rows": iterator.get_state()["rows"], "batches": batches}}))
+                  "rows": iterator.rows, "batches": batches}}))
 """
 
 
@@ -281,7 +303,7 @@ def test_two_processes_build_disjoint_shards_of_the_single_process_batch(tmp_pat
   outputs = run_processes(DISTRIBUTED_SCRIPT.format(source=source), num_processes=2, devices_per_process=4)
   results = sorted((json.loads(o.strip().splitlines()[-1]) for o in outputs), key=lambda r: r["process"])
   assert [r["local_devices"] for r in results] == [4, 4]
-  assert [r["rows"] for r in results] == [[0, 3, 4], [4, 7, 4]]  # first row, last row, count: disjoint, covering
+  assert [r["rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # disjoint, covering
   data = DataConfig(source=source, seq_len=16)
   single = take(pipeline.make_batches(data, BYTES, batch_size=8, seed=5, mesh=mesh_of(2, 4, 1)), 3)
   for k, want in enumerate(single):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import logging
 import sys
 import weakref
@@ -104,14 +105,17 @@ class _RowsIterator(grain.DatasetIterator):
     return inputs_RL, segments_RL
 
   def get_state(self) -> dict[str, Any]:
-    return {"streams": [[s.piece, s.offset] for s in self._streams]}
+    """{"streams": {global row: [piece, offset]}}: keyed by row, so any process layout can resume it."""
+    return {"streams": {str(s.row): [s.piece, s.offset] for s in self._streams}}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if len(state["streams"]) != len(self._streams):
-      raise DataError(f"data iterator state holds {len(state['streams'])} rows, this process reads "
-                      f"{len(self._streams)}; resume with the same train.batch_size, processes and mesh")
-    for stream, (piece, offset) in zip(self._streams, state["streams"]):
-      stream.piece, stream.offset = int(piece), int(offset)
+    streams = state["streams"]
+    missing = [s.row for s in self._streams if str(s.row) not in streams]
+    if missing:
+      raise DataError(f"data iterator state has no position for row {missing[0]} of the batch; it was saved by "
+                      "another train.batch_size: resume with the saved one")
+    for stream in self._streams:
+      stream.piece, stream.offset = map(int, streams[str(stream.row)])
       stream.pending.clear()
 
 
@@ -207,12 +211,23 @@ class _MergedPartsIterator(grain.DatasetIterator):
     return merged
 
   def get_state(self) -> dict[str, Any]:
+    """The union of the workers' row states (grain keeps each as of the last part taken from it).
+
+    Parts are taken a whole batch at a time, so every worker's state is at the same batch.
+    """
     with _main_hidden() if self._starting else contextlib.nullcontext():
-      return self._parent.get_state()
+      grain_state = self._parent.get_state()
+    streams = {}
+    for worker_state in grain_state["iterators_in_use_states"]:
+      streams.update(worker_state["streams"])
+    return {"streams": streams}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Hands every worker the whole row table; each takes its own rows from it."""
     with _main_hidden():
-      self._parent.set_state(state)
+      grain_state = self._parent.get_state()
+      grain_state["iterators_in_use_states"] = [state] * len(grain_state["iterators_in_use_states"])
+      self._parent.set_state(grain_state)
     self._starting = True
 
 
@@ -221,16 +236,34 @@ def _close(open_iterators: list[grain.DatasetIterator]) -> None:
     open_iterators.pop().close()
 
 
+# What each field of a saved iterator state is called where a user sets it.
+_HEADER_NAMES = {"data": "data.source", "split": "split", "seq_len": "data.seq_len", "batch_size": "train.batch_size",
+                 "seed": "train.seed", "vocab_size": "the tokenizer's vocabulary size",
+                 "pieces": "a dataset of this many pieces (data.chunk_chars or the files changed)"}
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """Every process's `value`, in process order (JSON bytes through two allgathers)."""
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(len(data)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data)] = data
+  everyone = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:size])) for row, size in zip(everyone, sizes)]
+
+
 class BatchIterator:
   """Endless batches of one split, prefetched; `get_state()` after k batches, given to
   `set_state()` of a fresh iterator, makes it continue with batch k + 1 exactly.
 
   The state is JSON-serialisable and describes the batches returned so far, not the ones
-  prefetched. It is per process: each process saves and restores its own.
+  prefetched. It holds every row of the global batch, keyed by row, whichever process built
+  it: a run resumes on another number of processes, devices or workers and sees the same rows.
   """
 
-  def __init__(self, dataset: grain.IterDataset, header: dict[str, Any]):
-    self._header = header
+  def __init__(self, dataset: grain.IterDataset, header: dict[str, Any], rows: Sequence[int]):
+    self._header, self._rows = header, tuple(rows)
     self._open = [dataset.__iter__()]  # emptied by close()
     # Closes (and frees) the grain iterator at exit at the latest, while the modules its cleanup
     # needs are still loaded: grain's own __del__ fails during interpreter shutdown.
@@ -249,14 +282,27 @@ class BatchIterator:
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
-    return {**self._header, "iterator": self._iterator.get_state()}
+    """The position of every row of the global batch, gathered from all processes.
+
+    With several processes this is a collective: every process must call it at the same batch.
+    """
+    streams = self._iterator.get_state()["streams"]
+    if jax.process_count() > 1:
+      streams = {row: position for part in _allgather_json(streams) for row, position in part.items()}
+    return {**self._header, "iterator": {"streams": streams}}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    for key, value in self._header.items():
+    """Continues where `state` left off; this process takes its own rows' positions from it."""
+    for key, value in self._header.items():  # the settings a user changes first come first
       if state.get(key) != value:
-        raise DataError(f"data iterator state has {key}={state.get(key)!r} but this run has {value!r}; "
-                        "resume with the data settings, batch size, seed and processes of the saved run")
+        raise DataError(f"this run has {_HEADER_NAMES[key]}={value!r} but its checkpoint was saved with "
+                        f"{state.get(key)!r}; resume with the saved value or start another --workdir")
     self._iterator.set_state(state["iterator"])
+
+  @property
+  def rows(self) -> list[int]:
+    """The global batch rows this process builds."""
+    return list(self._rows)
 
   def close(self) -> None:
     """Stops the prefetch thread and any worker processes."""
@@ -340,7 +386,6 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if mesh is not None:
     dataset = dataset.map(functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size))
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
-  header = {"split": split, "data": docs.name, "pieces": len(docs), "vocab_size": tokenizer.vocab_size,
-            "batch_size": batch_size, "seq_len": data.seq_len, "seed": seed if split == "train" else None,
-            "rows": [rows[0], rows[-1], len(rows)], "workers": workers}
-  return BatchIterator(dataset, header)
+  header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
+            "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
+  return BatchIterator(dataset, header, rows)

@@ -134,6 +134,8 @@ class TrainConfig:
   init_from: str = ""  # a workdir or checkpoint whose parameters start this run
   z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss
   early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
+  max_skipped_steps: int = 10  # consecutive updates skipped (non-finite loss or gradient, spikes) before the run stops
+  spike_factor: float = 0.0  # skip an update whose loss exceeds this x the running mean of the loss; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

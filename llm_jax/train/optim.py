@@ -54,7 +54,11 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   elif cfg.name == "lion":
     opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
   elif cfg.name == "adafactor":
-    opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
+    # optax.adafactor adds its decay after its learning-rate scaling, so the decay would not
+    # follow the schedule (kernels shrank by weight_decay every step, even at lr 0). Without
+    # its lr it returns -(update + wd * param); scaling that by lr gives AdamW's -lr * (u + wd * p).
+    opt = optax.chain(optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask),
+                      optax.scale_by_learning_rate(lr, flip_sign=False))
   else:  # sgd: decay enters the gradient before momentum, as torch.optim.SGD does it
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, momentum=cfg.momentum))
   if cfg.grad_clip:

@@ -154,3 +154,53 @@ def test_cpu_device_count_is_set_before_jax_starts_and_checked_after():
     distributed.set_cpu_devices(2)
   with pytest.raises(ConfigError, match="mesh.cpu_devices=-1"):
     config_lib.validate(config_lib.Config(mesh=config_lib.MeshConfig(cpu_devices=-1)), 8)
+
+
+def test_loss_and_gradients_are_divided_by_the_global_token_count():
+  """Masks of different counts per row and per microbatch: the step's loss and gradients are the sum of the
+  per-token cross-entropies over the whole batch divided by its unmasked count, not by B*L and not the mean of
+  the microbatches' means. SGD at lr 1 without momentum or clipping makes the update the gradient itself."""
+  from llm_jax.model import transformer
+  config = config_lib.replace(make_config(batch_size=16, microbatches=2), optim={
+      "name": "sgd", "learning_rate": 1.0, "warmup_steps": 0, "schedule": "constant", "momentum": 0.0,
+      "weight_decay": 0.0, "grad_clip": 0.0})
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  state = state_lib.create(config.model, optimizer, mesh, seed=0)
+  params0 = jax.device_get(state.params)
+  batch = synthetic_batch(16, 32, config.model.vocab_size, 3)
+  # Microbatch j holds rows j, j+2, ...: even rows keep many tokens, odd rows few, each row its own count.
+  counts = np.array([28 - r if r % 2 == 0 else 1 + r // 2 for r in range(16)])
+  batch["loss_mask"] = (np.arange(32)[None] < counts[:, None]).astype(np.float32)
+  # Targets the model finds likely in odd rows and unlikely in even rows, so the microbatches' mean losses differ.
+  logits0 = np.asarray(transformer.forward(params0, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
+                                           positions_BL=batch["positions"]))
+  batch["targets"] = np.where((np.arange(16) % 2 == 1)[:, None], logits0.argmax(-1), logits0.argmin(-1)).astype(np.int32)
+
+  def reference_terms(params):
+    logits = transformer.forward(params, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
+                                 positions_BL=batch["positions"])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+    return nll * batch["loss_mask"]
+
+  def reference_loss(params):
+    return reference_terms(params).sum() / batch["loss_mask"].sum()
+
+  nll = np.asarray(reference_terms(params0))
+  expected = nll.sum() / counts.sum()
+  by_size = nll.sum() / nll.size  # "divide by B*L"
+  by_micro = np.mean([nll[j::2].sum() / counts[j::2].sum() for j in range(2)])  # "mean of microbatch means"
+  assert min(abs(expected - by_size), abs(expected - by_micro)) > 0.01 * expected  # the wrong ones are far off
+
+  train_step, _ = step_lib.compile_steps(config, optimizer, optim.schedule(config.optim, config.train.steps), mesh,
+                                         state_lib.shardings(config.model, optimizer, mesh))
+  state, metrics = train_step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  assert float(metrics["tokens"]) == counts.sum()
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+  grads = jax.grad(reference_loss)(params0)
+  applied = jax.tree.map(lambda before, after: before - after, params0, jax.device_get(state.params))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(applied), jax.tree.leaves(grads)):
+    relative = np.linalg.norm(got - np.asarray(want)) / np.linalg.norm(want)
+    assert relative < 1e-3, (jax.tree_util.keystr(path), relative)
+  reference_norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(grads)))
+  assert float(metrics["grad_norm"]) == pytest.approx(reference_norm, rel=1e-4)

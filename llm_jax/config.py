@@ -278,7 +278,18 @@ def to_json(config: Config) -> str:
 
 
 def load_json(path: str | pathlib.Path) -> Config:
-  return from_dict(json.loads(pathlib.Path(path).read_text()))
+  try:
+    raw = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except UnicodeDecodeError:
+    raise ConfigError(f"{path} is not a JSON text file (it holds binary data); pass a config.json written by "
+                      "llm-jax or a configs/NAME.py") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix it, or pass a "
+                      "config.json written by llm-jax or a configs/NAME.py") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object of config sections; pass a "
+                      "config.json written by llm-jax")
+  return from_dict(raw)
 
 
 def load_file(path: str | pathlib.Path) -> Config:
@@ -290,7 +301,11 @@ def load_file(path: str | pathlib.Path) -> Config:
     return load_json(path)
   spec = importlib.util.spec_from_file_location(f"llm_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:  # the message and line are the whole story; other errors keep their traceback
+    raise ConfigError(f"{e.filename or path}:{e.lineno}: {e.msg} (a Python syntax error); fix that line of the "
+                      "config file") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(); a config file defines get_config() -> llm_jax.config.Config")
   config = module.get_config()
@@ -336,10 +351,82 @@ def validate_model(model: ModelConfig) -> None:
     raise ConfigError(f"rotary positions need an even head dimension, got {model.dim_per_head}")
 
 
+_FINITE = math.inf  # the upper bound of fields that only need to be finite
+
+# key: (lowest, highest, whether each bound is allowed, what the value means when it is not obvious)
+_RANGES: dict[str, tuple[float, float, str, str]] = {
+    "optim.learning_rate": (0, _FINITE, "[)", "the peak learning rate; 0 freezes the weights"),
+    "optim.b1": (0, 1, "[)", ""),
+    "optim.b2": (0, 1, "[)", ""),
+    "optim.eps": (0, _FINITE, "()", ""),
+    "optim.weight_decay": (0, _FINITE, "[)", ""),
+    "optim.warmup_steps": (0, _FINITE, "[)", ""),
+    "optim.min_lr_ratio": (0, 1, "[]", "the final learning rate as a fraction of the peak"),
+    "optim.decay_fraction": (0, 1, "(]", "the share of the steps that wsd spends decaying"),
+    "optim.grad_clip": (0, _FINITE, "[)", "0 disables clipping"),
+    "optim.momentum": (0, 1, "[)", ""),
+    "train.steps": (1, _FINITE, "[)", "0 would train nothing and leave random weights"),
+    "train.log_every": (1, _FINITE, "[)", "log every N steps"),
+    "train.eval_every": (0, _FINITE, "[)", "0 disables evaluation"),
+    "train.checkpoint_every": (0, _FINITE, "[)", "0 saves only at the end"),
+    "train.keep_checkpoints": (1, _FINITE, "[)", "the run needs its latest checkpoint to resume"),
+    "train.early_stop_patience": (0, _FINITE, "[)", "0 never stops early"),
+    "train.z_loss": (0, _FINITE, "[)", ""),
+}
+
+
+def _in_range(value: float, low: float, high: float, bounds: str) -> bool:
+  above = low <= value if bounds[0] == "[" else low < value  # written so that NaN is out of every range
+  below = value <= high if bounds[1] == "]" else value < high
+  return above and below
+
+
+def _range_text(low: float, high: float, bounds: str) -> str:
+  if high == _FINITE:
+    return f"a finite value {'>=' if bounds[0] == '[' else '>'} {low:g}"
+  return f"a value in {bounds[0]}{low:g}, {high:g}{bounds[1]}"
+
+
+def validate_ranges(config: Config) -> None:
+  """Signs and ranges of the optimizer and step-loop fields, so a typo fails before compiling.
+
+  A negative learning rate climbs the loss, log_every=0 divides by zero after the first step,
+  steps=0 trains nothing: each would otherwise surface late or not at all.
+  """
+  for key, (low, high, bounds, meaning) in _RANGES.items():
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    if not _in_range(value, low, high, bounds):
+      note = f" ({meaning})" if meaning else ""
+      raise ConfigError(f"{key}={value!r}: expected {_range_text(low, high, bounds)}{note}")
+  train, data = config.train, config.data
+  if train.eval_every and train.eval_batches <= 0:
+    raise ConfigError(f"train.eval_batches={train.eval_batches}: expected a positive count while evaluation is on "
+                      "(or set train.eval_every=0 to turn it off)")
+  local = data.source.startswith(("text:", "jsonl:"))
+  if train.eval_every and local and not data.eval_source and not 0 < data.eval_fraction < 1:
+    raise ConfigError(f"data.eval_fraction={data.eval_fraction!r}: evaluation holds out that share of {data.source}, "
+                      "so it must lie strictly between 0 and 1; set e.g. 0.1, set data.eval_source, or set "
+                      "train.eval_every=0")
+
+
+def check_export_dtype(dtype: str | None) -> None:
+  """`export --dtype`: only the parameter dtypes the loader reads back (model.param_dtype's choices)."""
+  allowed = _CHOICES["model.param_dtype"]
+  if dtype is None or dtype in allowed:
+    return
+  if dtype.startswith(("int", "uint")):
+    raise ConfigError(f"--dtype {dtype}: integer exports are quantization, which belongs to the planned --quantize "
+                      f"of llm-jax's inference work; export one of {', '.join(allowed)}")
+  raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(allowed)} (the parameter dtypes llm_jax.load and "
+                    "generate read)")
+
+
 def validate(config: Config, num_devices: int) -> tuple[int, int, int]:
   """Checks every cross-field constraint of a run; returns the resolved mesh shape."""
   check_choices(config)
   validate_model(config.model)
+  validate_ranges(config)
   data, fsdp, tensor = resolve_mesh(config.mesh, num_devices)
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}; "

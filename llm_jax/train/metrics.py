@@ -60,11 +60,39 @@ def peak_flops() -> tuple[float, str]:
   return float("nan"), f"unknown device kind {device.device_kind!r}: MFU not reported"
 
 
+def drop_records_after(path: str | pathlib.Path, step: int) -> int:
+  """Removes the records of steps after `step` from a metrics.jsonl; returns how many went.
+
+  A run killed after its last checkpoint logged steps that its resumed run logs again: keeping
+  only what the checkpoint covers leaves one record per step. A line cut short by the kill
+  goes too. The file is rewritten beside itself and renamed over, so a crash here loses nothing.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+      kept.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+  return dropped
+
+
 class Reporter:
   """Writes one record per logged step; only process 0 writes anything.
 
   In a terminal it draws a progress bar; in CI or a pipe it prints one plain line per record,
-  which logs and CI output can be read from.
+  which logs and CI output can be read from. A run that starts at `start_step` (a resume, or 0)
+  first drops the records of later steps that a killed predecessor left in metrics.jsonl.
   """
 
   def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0):
@@ -74,6 +102,7 @@ class Reporter:
     self._tb = None
     if not self.enabled:
       return
+    drop_records_after(self.path, start_step)
     self._file = open(self.path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))

@@ -1,36 +1,41 @@
 """Where checkpoints are written and read (orbax). Knows pytrees, not the trainer.
 
-A run's workdir holds `checkpoints/<step>/` with four items: `params` (the model's
-parameters), `train` (step, optimizer state, RNG), `data` (the data iterator's state, JSON)
-and `config` (the resolved config, JSON). Parameters sit apart from the optimizer state so
-inference and fine-tuning read only what they need. A parameters-only checkpoint (from
-`llm-jax export` or `llm-jax convert`) is a folder with `params/` and `config.json`.
+A run's workdir holds `checkpoints/<step>/` with five items: `params` (the model's
+parameters), `train` (step, optimizer state, RNG, the update guard's counters), `data` (the
+data iterator's position for every row of the batch, JSON), `loop` (the trainer's own state
+between steps, such as early stopping's best loss, JSON) and `config` (the resolved config,
+JSON), plus `checksums.json`. Parameters sit apart from the optimizer state so inference and
+fine-tuning read only what they need. A parameters-only checkpoint (from `llm-jax export` or
+`llm-jax convert`) is a folder with `params/`, `config.json` and `checksums.json`.
 
 Orbax writes each save into a temporary folder and renames it when complete, so a kill in
-the middle of a save leaves the previous checkpoints untouched; the half-written folder is
-reported and ignored. Restores take an abstract target with shardings: a checkpoint restores
-onto any mesh and any number of processes. Scanned and unscanned layer layouts convert on
-restore.
+the middle of a save leaves the previous checkpoints untouched; the trainer deletes the
+half-written folder. Every read first checks the files against their checksums (checksums.py):
+a damaged checkpoint is reported and the one before it used. Restores take an abstract target
+with shardings: a checkpoint restores onto any mesh and any number of processes. Scanned and
+unscanned layer layouts convert on restore.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
+import errno
+import json
+import os
 import pathlib
 import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from llm_jax import checksums
 from llm_jax import config as config_lib
 from llm_jax.errors import UserError
 from llm_jax.model import transformer
-
-log = logging.getLogger(__name__)
 
 # Model fields that do not change the parameters' shapes or meaning: a run may change them.
 RUNTIME_FIELDS = frozenset({"dtype", "scan_layers", "remat", "attention", "embed_dropout", "attn_dropout",
@@ -84,60 +89,113 @@ def _in_layout(params: Any, scanned: bool) -> Any:
   return transformer.stack_layers(params) if scanned else transformer.unstack_layers(params)
 
 
+ITEMS = ("params", "train", "data", "loop", "config")  # the items of a step's checkpoint, each a subfolder
+DAMAGED = "damaged_checkpoints"  # where the trainer moves a checkpoint whose files fail their checksums
+
+
 class Checkpointer:
-  """Asynchronous saves every N steps; keeps the last `keep` and the best by eval loss."""
+  """Asynchronous saves every N steps; keeps the last `keep` and the best by eval loss.
+
+  A checkpoint is complete when its folder has its final name (orbax renames it when the save
+  is done), `commit_success.txt` and `checksums.json` whose sizes and hashes its files match;
+  that one definition holds for every command (`damage`).
+  """
 
   def __init__(self, workdir: str | pathlib.Path, keep: int = 3):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    _report_incomplete(self.directory)
+    self.removed_interrupted = _remove_interrupted(self.directory) if jax.process_index() == 0 else []
+    self._created = not self.directory.exists()
+    self._saving: int | None = None
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, preservation_policy=policy, create=True)
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=True, preservation_policy=policy, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def _write_checksums(self) -> None:
+    """Runs on the primary process once every process has written its files, before the rename."""
+    (tmp,) = self.directory.glob(f"{self._saving}.orbax-checkpoint-tmp*")
+    checksums.write(tmp, ITEMS)
+
+  def restorable_step(self) -> int | None:
+    """The newest complete, intact step, or None; the same answer on every process.
+
+    Process 0 checks the steps from the newest down and moves each damaged one to
+    WORKDIR/damaged_checkpoints/ (kept, not deleted, and out of the rotation, which would
+    otherwise delete intact checkpoints to make room for it).
+    """
+    found = -1
+    if jax.process_index() == 0:
+      for step in sorted(_step_folders(self.directory), reverse=True):
+        reason = damage(self.directory / str(step))
+        if reason is None:
+          found = step
+          break
+        self._set_aside(step, reason)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      found = int(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    self._manager.reload()
+    return None if found < 0 else found
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    target = self.directory.parent / DAMAGED / str(step)
+    while target.exists():
+      target = target.with_name(target.name + "+")
+    target.parent.mkdir(exist_ok=True)
+    (self.directory / str(step)).rename(target)
+    print(f"llm-jax: warning: checkpoint {step} is damaged: {reason}; moved it to {target} and using the "
+          "checkpoint before it", flush=True)
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
   def save(self, step: int, params: Any, train: Any, data_state: dict, config: config_lib.Config,
-           metrics: dict[str, float] | None = None) -> None:
-    """Starts an asynchronous save; returns once the arrays are copied to host memory."""
+           metrics: dict[str, float] | None = None, loop_state: dict | None = None) -> None:
+    """Starts an asynchronous save; returns once the arrays are copied to host memory.
+
+    `data_state` and `loop_state` are JSON, the same on every process (process 0 writes them).
+    """
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-        data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config_lib.to_dict(config)))
+        data=ocp.args.JsonSave(data_state), loop=ocp.args.JsonSave(loop_state or {}),
+        config=ocp.args.JsonSave(config_lib.to_dict(config)))
     with self._failures_reported():  # the previous save's error surfaces here at the latest
+      self._manager.wait_until_finished()
+      self._saving = step
       self._manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, targets: Callable[[config_lib.ModelConfig], tuple[Any, Any]],
-              model: config_lib.ModelConfig) -> tuple[Any, Any, dict]:
-    """(params, train, data_state) of `step`, placed as the targets' shardings say.
+              model: config_lib.ModelConfig) -> tuple[Any, Any, dict, dict]:
+    """(params, train, data_state, loop_state) of `step`, placed as the targets' shardings say.
 
     `targets(model)` returns abstract (params, train) trees with shardings for a model config;
     it is called for the saved layer layout too, so a scanned checkpoint restores into an
     unscanned run (optimizer moments included) and back.
     """
+    where = self.directory / str(step)
     saved = self.config(step)
-    check_same_architecture(saved.model, model, f"checkpoint {self.directory / str(step)}")
+    check_same_architecture(saved.model, model, f"checkpoint {where}")
     saved_layout = dataclasses.replace(model, scan_layers=saved.model.scan_layers)
     params_target, train_target = targets(saved_layout)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(params_target), train=ocp.args.StandardRestore(train_target),
-        data=ocp.args.JsonRestore()))
+    with _read_failures_reported(where):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(params_target), train=ocp.args.StandardRestore(train_target),
+          data=ocp.args.JsonRestore(), loop=ocp.args.JsonRestore()))
     params, train = restored.params, restored.train
     if saved_layout.scan_layers != model.scan_layers:
       wanted = targets(model)
       shardings = jax.tree.map(lambda t: t.sharding, wanted)
       params, train = jax.jit(lambda tree: convert_layouts(tree, model.scan_layers), out_shardings=shardings)(
           (params, train))
-    return params, train, restored.data
+    return params, train, restored.data, restored.loop
 
   def config(self, step: int) -> config_lib.Config:
-    return config_lib.from_dict(self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+    return config_lib.from_dict(_read_json(self.directory / str(step) / "config" / "metadata"))
 
   def wait(self) -> None:
     with self._failures_reported():
@@ -145,20 +203,59 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _failures_reported(self):
-    """A failed save (disk full, quota, permissions) stops the run with one clear line.
+    """A failed save stops the run with one line naming its cause; the earlier checkpoints are untouched.
 
-    Orbax writes into a temporary folder, so the earlier checkpoints are untouched.
+    Orbax writes into a temporary folder, so nothing it had finished is damaged. Only a full
+    disk (or quota, or file-size limit) is told to free space.
     """
     try:
       yield
     except (OSError, ValueError, RuntimeError) as e:
-      first_line = (str(e) or type(e).__name__).splitlines()[0]
-      reason = first_line if len(first_line) <= 240 else "..." + first_line[-200:]  # the OS error is at the end
+      reason = _first_line(e)
+      fix = "free disk space" if _is_out_of_space(e) else "fix the cause"
       raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({reason}); the earlier checkpoints "
-                            f"there are intact: free disk space (or fix the folder) and rerun to resume") from e
+                            f"there are intact: {fix} and rerun to resume") from e
 
   def close(self) -> None:
+    """Waits for the last save; a run that saved nothing leaves no empty checkpoints/ folder behind."""
     self._manager.close()
+    if self._created and self.directory.is_dir() and not any(self.directory.iterdir()):
+      self.directory.rmdir()
+
+
+def _first_line(e: BaseException) -> str:
+  line = (str(e) or type(e).__name__).strip().splitlines()[0]
+  return line if len(line) <= 240 else "..." + line[-200:]  # an OS error is at the end
+
+
+def _is_out_of_space(e: BaseException) -> bool:
+  full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in full or any(os.strerror(code) in str(e) for code in full):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _read_failures_reported(where: pathlib.Path):
+  """A checkpoint that passed its checksums but still cannot be read: one line, not a TensorStore trace."""
+  try:
+    yield
+  except (OSError, ValueError, RuntimeError, KeyError) as e:
+    raise CheckpointError(f"checkpoint {where} cannot be read ({_first_line(e)}); move it out of the folder to "
+                          "use the one before it") from e
+
+
+def damage(step_dir: pathlib.Path) -> str | None:
+  """Why `step_dir` is not a complete, intact checkpoint, or None when it is."""
+  if not (step_dir / "commit_success.txt").is_file():
+    return "it has no commit_success.txt (its save did not finish)"
+  return checksums.damage(step_dir)
+
+
+def _step_folders(directory: pathlib.Path) -> list[int]:
+  return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
 
 
 def convert_layouts(tree: Any, scanned: bool) -> Any:
@@ -167,18 +264,22 @@ def convert_layouts(tree: Any, scanned: bool) -> Any:
   return jax.tree.map(lambda x: _in_layout(x, scanned) if is_params(x) else x, tree, is_leaf=is_params)
 
 
-def _report_incomplete(directory: pathlib.Path) -> None:
-  """Warns about saves cut off by a kill; orbax never lists them, so they are never restored."""
+def _remove_interrupted(directory: pathlib.Path) -> list[str]:
+  """Deletes the temporary folders of saves cut off by a kill: never complete, never restorable."""
   if not directory.is_dir():
-    return
-  for path in sorted(directory.iterdir()):
-    if path.is_dir() and (".orbax-checkpoint-tmp" in path.name or not (path / "commit_success.txt").exists()):
-      log.warning("skipping incomplete checkpoint %s (a save was interrupted); using the last complete one", path)
-      print(f"llm-jax: warning: skipping incomplete checkpoint {path.name} (the save was interrupted)", flush=True)
+    return []
+  removed = sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+  for name in removed:
+    shutil.rmtree(directory / name)
+    print(f"llm-jax: removed {name}, a checkpoint save that was interrupted", flush=True)
+  return removed
+
+
+EXPORT_ITEMS = ("params", "config.json")  # what an export's checksums.json covers
 
 
 def save_params(out: str | pathlib.Path, params: Any, config: config_lib.Config) -> pathlib.Path:
-  """Writes a parameters-only checkpoint: `out/params/` and `out/config.json`."""
+  """Writes a parameters-only checkpoint: `out/params/`, `out/config.json`, then their checksums."""
   out = pathlib.Path(out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   target = out / "params"
@@ -189,29 +290,38 @@ def save_params(out: str | pathlib.Path, params: Any, config: config_lib.Config)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     (out / "config.json").write_text(config_lib.to_json(config))
+    checksums.write(out, EXPORT_ITEMS)
   return out
 
 
 def find_params(path: str | pathlib.Path) -> tuple[pathlib.Path, config_lib.Config]:
-  """Locates the parameters and config of a workdir (latest checkpoint), step folder or export."""
+  """Locates the parameters and config of a workdir (its newest intact checkpoint), step folder or export.
+
+  Reads only: a damaged checkpoint in a workdir is reported and passed over, not moved.
+  """
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise CheckpointError(f"{path} does not exist; pass a run's workdir, a checkpoint folder or an export")
   if (path / "params").is_dir() and (path / "config.json").is_file():
+    _check_intact(path, checksums.damage(path), "export it again")
     return path / "params", config_lib.load_json(path / "config.json")
   if (path / "params").is_dir() and (path / "config" / "metadata").is_file():
+    _check_intact(path, damage(path), "pass the run's workdir to use its newest intact checkpoint")
     return path / "params", config_lib.from_dict(_read_json(path / "config" / "metadata"))
-  if (path / "checkpoints").is_dir():
-    _report_incomplete(path / "checkpoints")
-    steps = [int(p.name) for p in (path / "checkpoints").iterdir()
-             if p.name.isdigit() and (p / "commit_success.txt").exists()]
-    if steps:
-      return find_params(path / "checkpoints" / str(max(steps)))
+  for step in sorted(_step_folders(path / "checkpoints"), reverse=True):
+    reason = damage(path / "checkpoints" / str(step))
+    if reason is None:
+      return find_params(path / "checkpoints" / str(step))
+    print(f"llm-jax: warning: skipping checkpoint {step}: {reason}", flush=True)
   raise CheckpointError(f"no complete checkpoint under {path}; train first or pass an export from `llm-jax export`")
 
 
+def _check_intact(path: pathlib.Path, reason: str | None, fix: str) -> None:
+  if reason is not None:
+    raise CheckpointError(f"checkpoint {path} is damaged: {reason}; {fix}")
+
+
 def _read_json(path: pathlib.Path) -> Any:
-  import json
   return json.loads(path.read_text())
 
 
@@ -232,7 +342,7 @@ def restore_params(path: str | pathlib.Path, model: config_lib.ModelConfig | Non
   else:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with ocp.StandardCheckpointer() as checkpointer, _read_failures_reported(params_dir.parent):
     params = checkpointer.restore(params_dir, abstract)  # orbax casts to the target's dtype
   params = _in_layout(params, model.scan_layers)
   if shardings is not None:

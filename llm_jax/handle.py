@@ -78,7 +78,7 @@ def load(path: str | pathlib.Path, model: config_lib.ModelConfig | None = None) 
   By default the layers come unscanned: decoding a token then reads each layer's weights in
   place instead of slicing them out of a stack, about twice as fast on CPU (docs/sampling.md).
   """
-  if model is None:
-    model = dataclasses.replace(checkpoint.find_params(path)[1].model, scan_layers=False)
-  params, config = checkpoint.restore_params(path, model)
+  params_dir, saved = checkpoint.find_params(path)  # once: it checks the files and reports what it skips
+  model = model or dataclasses.replace(saved.model, scan_layers=False)
+  params, config = checkpoint.restore_params(params_dir.parent, model)
   return Model(config=config, params=params, tokenizer=find_tokenizer(pathlib.Path(path).absolute()))

@@ -41,7 +41,7 @@ def restore(tmp_path, mesh_cfg, optimizer, model=CONFIG.model, step=3, devices=N
     return target.params, {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
 
   ckpt = checkpoint.Checkpointer(tmp_path)
-  params, train, data = ckpt.restore(step, targets, model)
+  params, train, data, _ = ckpt.restore(step, targets, model)
   ckpt.close()
   return params, train, data
 

@@ -8,8 +8,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from llm_jax import checkpoint
+from llm_jax import config as config_lib
 
 # Saves a small step-1 checkpoint, then a step-2 checkpoint large enough (64 MB of random
 # floats, which do not compress) that a kill can land while it is being written.
@@ -38,11 +40,10 @@ def start_saver(workdir, mode):
 
 def restore_step_1(workdir):
   ckpt = checkpoint.Checkpointer(workdir)
-  targets = lambda model: ({"w": jax.ShapeDtypeStruct((4,), np.float32)},  # noqa: E731
-                           {"step": jax.ShapeDtypeStruct((), np.int32)})
   restored = ckpt._manager.restore(1, args=checkpoint.ocp.args.Composite(
-      params=checkpoint.ocp.args.StandardRestore(targets(None)[0]), data=checkpoint.ocp.args.JsonRestore()))
-  latest = ckpt.latest_step()
+      params=checkpoint.ocp.args.StandardRestore({"w": jax.ShapeDtypeStruct((4,), np.float32)}),
+      data=checkpoint.ocp.args.JsonRestore()))
+  latest = ckpt.restorable_step()
   ckpt.close()
   return latest, restored
 
@@ -63,7 +64,8 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capfd):
   assert latest == 1
   np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
   assert restored.data == {"position": 1}
-  assert "skipping incomplete checkpoint 2.orbax-checkpoint-tmp" in capfd.readouterr().out
+  assert "removed 2.orbax-checkpoint-tmp, a checkpoint save that was interrupted" in capfd.readouterr().out
+  assert sorted(p.name for p in directory.iterdir()) == ["1"]  # later runs do not trip over it again
 
 
 def test_full_disk_fails_loudly_and_keeps_previous_checkpoint(tmp_path):
@@ -73,7 +75,19 @@ def test_full_disk_fails_loudly_and_keeps_previous_checkpoint(tmp_path):
   assert process.returncode != 0
   last_line = err.strip().splitlines()[-1]
   assert "CheckpointError: saving a checkpoint in" in last_line and "File too large" in last_line
-  assert "earlier checkpoints there are intact" in last_line
+  assert "earlier checkpoints there are intact" in last_line and "free disk space" in last_line
   latest, restored = restore_step_1(tmp_path)
   assert latest == 1
   np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
+
+
+def test_a_failed_save_that_is_not_a_full_disk_names_its_own_cause(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(1, {"w": np.arange(4.0)}, {"step": np.int32(1)}, {"position": 1}, config_lib.Config())
+  ckpt.wait()
+  with pytest.raises(checkpoint.CheckpointError) as failure:
+    ckpt.save(1, {"w": np.arange(4.0)}, {"step": np.int32(1)}, {"position": 1}, config_lib.Config())
+    ckpt.wait()
+  ckpt.close()
+  assert "Checkpoint for step 1 already exists" in str(failure.value)
+  assert "disk space" not in str(failure.value) and "fix the cause" in str(failure.value)

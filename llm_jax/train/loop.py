@@ -8,7 +8,6 @@ aborts at once.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import shutil
@@ -36,10 +35,17 @@ class WorkdirError(config_lib.ConfigError):
   """A workdir that belongs to another run."""
 
 
-@dataclasses.dataclass
 class _Stop:
-  """Set by SIGTERM/SIGINT: finish the step, save, exit 0."""
-  requested: bool = False
+  """SIGTERM/SIGINT: every process finishes the same step, they save one checkpoint together, exit 0.
+
+  A signal may reach one process only, or the processes at different steps. Alone, a process
+  stops after its current step; with several, they agree every `agree_every` steps through one
+  small collective (any process asked to stop), so no step pays for a host sync of its own.
+  """
+
+  def __init__(self, agree_every: int = 1):
+    self.requested = False
+    self._agree_every = agree_every
 
   def install(self) -> dict:
     previous = {}
@@ -54,6 +60,15 @@ class _Stop:
     for sig in (signal.SIGTERM, signal.SIGINT):
       previous[sig] = signal.signal(sig, handler)
     return previous
+
+  def agreed(self, step: int) -> bool:
+    """Whether every process stops after `step`; all processes get the same answer."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self._agree_every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
 
 def prepare_workdir(config: config_lib.Config, workdir: pathlib.Path, fresh: bool) -> None:
@@ -98,6 +113,10 @@ def evaluate(eval_step, params, config: config_lib.Config, tokenizer, mesh) -> d
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+class RunStopped(config_lib.ConfigError):
+  """A run that cannot go on as configured: diverged, or already past its target."""
+
+
 def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = False) -> dict[str, Any]:
   """Runs (or resumes) the run described by `config` in `workdir`; returns the last record."""
   distributed.initialize(config.mesh)
@@ -112,93 +131,134 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   lr_schedule = optim.schedule(config.optim, total)
   shardings = state_lib.shardings(config.model, optimizer, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  start = ckpt.latest_step()
-  tokenizer = _tokenizer(config, workdir, resuming=start is not None)
-  batches = pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size,
-                                  seed=config.train.seed, mesh=mesh, split="train")
-  if start is not None:
-    state, data_state = _restore(ckpt, start, config, optimizer, mesh)
-    batches.set_state(data_state)
-    _say(f"llm-jax: resuming from step {start} in {ckpt.directory}")
-  else:
-    state = state_lib.create(config.model, optimizer, mesh, config.train.seed)
-    if config.train.init_from:
-      params, _ = checkpoint.restore_params(config.train.init_from, config.model, shardings.params)
-      state = state._replace(params=params)
-      _say(f"llm-jax: starting from the parameters of {config.train.init_from}")
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config_lib.to_json(config))
-    tokenizer.save(workdir)
+  batches = None
+  try:
+    start = ckpt.restorable_step()
+    if start is not None:
+      _check_resumable(ckpt.config(start), config, start, workdir)
+    elif ckpt.removed_interrupted:
+      _say(f"llm-jax: no complete checkpoint in {ckpt.directory}; the run starts from step 0")
+    tokenizer = _tokenizer(config, workdir, resuming=start is not None)
+    batches = pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size,
+                                    seed=config.train.seed, mesh=mesh, split="train")
+    loop_state = {"best_eval": None, "evals_without_gain": 0}
+    if start is not None:
+      state, data_state, loop_state = _restore(ckpt, start, config, optimizer, mesh)
+      batches.set_state(data_state)
+      _say(f"llm-jax: resuming from step {start} in {ckpt.directory}")
+    else:
+      state = state_lib.create(config.model, optimizer, mesh, config.train.seed)
+      if config.train.init_from:
+        params, _ = checkpoint.restore_params(config.train.init_from, config.model, shardings.params)
+        state = state._replace(params=params)
+        _say(f"llm-jax: starting from the parameters of {config.train.init_from}")
+    if jax.process_index() == 0:
+      (workdir / "config.json").write_text(config_lib.to_json(config))
+      tokenizer.save(workdir)
+    train_step, eval_step = step_lib.compile_steps(config, optimizer, lr_schedule, mesh, shardings)
+    reporter = metrics_lib.Reporter(workdir, total, start or 0)
+    try:
+      reporter.message(f"llm-jax: {stats.count_params(config.model)['params']:,} parameters, mesh "
+                       f"{dict(mesh.shape)}, MFU against {peak_source} ({peak / 1e9:,.0f} GFLOP/s)")
+      rate = _Rate(config.train.batch_size * config.data.seq_len, stats.flops_per_token(config.model, config.data.seq_len),
+                   peak, start or 0)
+      return _run(config, state, start or 0, loop_state, train_step, eval_step, batches, tokenizer, mesh, ckpt,
+                  reporter, rate)
+    finally:
+      reporter.close()
+  finally:
+    ckpt.close()
+    if batches is not None:
+      batches.close()
 
-  train_step, eval_step = step_lib.compile_steps(config, optimizer, lr_schedule, mesh, shardings)
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-  flops_per_token = stats.flops_per_token(config.model, config.data.seq_len)
-  reporter = metrics_lib.Reporter(workdir, total, start or 0)
-  reporter.message(f"llm-jax: {stats.count_params(config.model)['params']:,} parameters, mesh {dict(mesh.shape)}, "
-                   f"MFU against {peak_source} ({peak / 1e9:,.0f} GFLOP/s)")
-  stop = _Stop()
+
+def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start: int, workdir: pathlib.Path) -> None:
+  """Refuses, before anything is written, a resume that could not continue the saved run."""
+  if start >= config.train.steps:
+    raise RunStopped(f"{workdir} is already at step {start}, and train.steps={config.train.steps}: nothing to "
+                     "train; raise train.steps to continue the run, or use another --workdir")
+  if saved.data.tokenizer != config.data.tokenizer:
+    raise RunStopped(f"{workdir} was trained with data.tokenizer={saved.data.tokenizer!r} but this run has "
+                     f"data.tokenizer={config.data.tokenizer!r}; resume with the saved tokenizer or use another "
+                     "--workdir")
+
+
+def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loop_state: dict, train_step, eval_step,
+         batches, tokenizer, mesh, ckpt: checkpoint.Checkpointer, reporter: metrics_lib.Reporter, rate: _Rate) -> dict:
+  """The step loop, from step `start` + 1 to `train.steps` (or a stop, early or asked for)."""
+  total, train_cfg = config.train.steps, config.train
+  stop = _Stop(agree_every=train_cfg.log_every)
   previous_handlers = stop.install()
   last: dict[str, Any] = {}
-  best_eval, evals_without_gain = float("inf"), 0
   pending = None  # (step, metrics on device) of the last dispatched step that will be logged
-  clock = (time.perf_counter(), start or 0)
   stopping = False
   try:
-    for step in range((start or 0) + 1, total + 1):
+    for step in range(start + 1, total + 1):
       batch = next(batches)
       with jax.transfer_guard("disallow"):
         state, step_metrics = train_step(state, batch)
       if pending is not None:  # fetch step N-1's metrics only now that step N is queued
-        record, clock = _measure(*pending, clock, tokens_per_step, flops_per_token, peak)
-        reporter.write(record)
-        last, pending = record, None
-      stopping = stop.requested  # read once: a signal arriving later is handled after the next step
+        last, pending = _log(rate.record(*pending), reporter, train_cfg), None
+      stopping = stop.agreed(step)
       is_last = step == total or stopping
-      eval_now = bool(config.train.eval_every) and (step % config.train.eval_every == 0 or is_last)
+      eval_now = bool(train_cfg.eval_every) and (step % train_cfg.eval_every == 0 or is_last)
       record_eval = {}
       if eval_now:
-        record, _ = _measure(step, step_metrics, clock, tokens_per_step, flops_per_token, peak)
+        record = _log(rate.record(step, step_metrics), reporter, train_cfg, write=False)
         record_eval = evaluate(eval_step, state.params, config, tokenizer, mesh)
         last = {**record, **record_eval}
         reporter.write(last)
         _print_sample(reporter, state.params, config, tokenizer)
-        clock = (time.perf_counter(), step)  # evaluation time is not training throughput
-        if record_eval["eval_loss"] < best_eval:
-          best_eval, evals_without_gain = record_eval["eval_loss"], 0
-        else:
-          evals_without_gain += 1
-      elif step % config.train.log_every == 0 or is_last:
+        rate.restart(step)  # evaluation time is not training throughput
+        _track_best(loop_state, record_eval["eval_loss"])
+      elif step % train_cfg.log_every == 0 or is_last:
         pending = (step, step_metrics)
-      early_stop = bool(config.train.early_stop_patience) and evals_without_gain >= config.train.early_stop_patience
-      if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or is_last or early_stop:
+      early_stop = bool(train_cfg.early_stop_patience) and loop_state["evals_without_gain"] >= train_cfg.early_stop_patience
+      if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or is_last or early_stop:
         ckpt.save(step, state.params, _train_item(state), batches.get_state(), config,
-                  metrics={"eval_loss": record_eval["eval_loss"]} if record_eval else None)
+                  metrics={"eval_loss": record_eval["eval_loss"]} if record_eval else None, loop_state=loop_state)
       if early_stop:
         reporter.message(f"llm-jax: stopping early at step {step}: eval loss has not improved for "
-                         f"{evals_without_gain} evaluations (best {best_eval:.4f})")
+                         f"{loop_state['evals_without_gain']} evaluations (best {loop_state['best_eval']:.4f})")
         break
       if stopping:
         break
     if pending is not None:
-      last, clock = _measure(*pending, clock, tokens_per_step, flops_per_token, peak)
-      reporter.write(last)
+      last = _log(rate.record(*pending), reporter, train_cfg)
     ckpt.wait()
     if stopping:
       reporter.message(f"llm-jax: stopped at step {int(jax.device_get(state.step))}; checkpoint saved in "
                        f"{ckpt.directory}. Run the same command to resume.")
-    elif not config.train.eval_every:
+    elif not train_cfg.eval_every:
       _print_sample(reporter, state.params, config, tokenizer)
   finally:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
-    ckpt.close()
-    reporter.close()
-    batches.close()
   return last
 
 
+def _track_best(loop_state: dict, eval_loss: float) -> None:
+  """Early stopping's bookkeeping; kept in the checkpoint so a resumed run stops where this one would."""
+  if loop_state["best_eval"] is None or eval_loss < loop_state["best_eval"]:
+    loop_state["best_eval"], loop_state["evals_without_gain"] = eval_loss, 0
+  else:
+    loop_state["evals_without_gain"] += 1
+
+
+def _log(record: dict, reporter: metrics_lib.Reporter, train_cfg: config_lib.TrainConfig, write: bool = True) -> dict:
+  """Writes a fetched record, and stops a run whose updates keep being skipped (the step's guard)."""
+  if record["consecutive_skips"] >= train_cfg.max_skipped_steps:
+    raise RunStopped(f"the last {record['consecutive_skips']} updates (to step {record['step']}) were skipped: the "
+                     "loss or gradient was not finite" + (" or spiked" if train_cfg.spike_factor else "") +
+                     "; the checkpoints are intact (no skipped update reaches them): lower optim.learning_rate "
+                     "and rerun to resume from the last one")
+  if write:
+    reporter.write(record)
+  return record
+
+
 def _train_item(state: state_lib.TrainState) -> dict[str, Any]:
-  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng, "guard": state.guard}
 
 
 def _restore(ckpt: checkpoint.Checkpointer, step: int, config: config_lib.Config, optimizer, mesh):
@@ -206,26 +266,35 @@ def _restore(ckpt: checkpoint.Checkpointer, step: int, config: config_lib.Config
     target = state_lib.abstract(model, optimizer, mesh)
     return target.params, _train_item(target)
 
-  params, train_item, data_state = ckpt.restore(step, targets, config.model)
-  state = state_lib.TrainState(train_item["step"], params, train_item["opt_state"], train_item["rng"])
-  return state, data_state
+  params, train_item, data_state, loop_state = ckpt.restore(step, targets, config.model)
+  state = state_lib.TrainState(train_item["step"], params, train_item["opt_state"], train_item["rng"],
+                               train_item["guard"])
+  return state, data_state, loop_state
 
 
-def _measure(step: int, device_metrics: dict, clock: tuple[float, int], tokens_per_step: int,
-             flops_per_token: float, peak: float) -> tuple[dict, tuple[float, int]]:
-  """One step's record; fetching its metrics blocks only until that (already queued) step is done."""
-  host = jax.device_get(device_metrics)
-  now = time.perf_counter()
-  since, last_step = clock
-  steps = max(step - last_step, 1)
-  step_time = (now - since) / steps
-  tokens_per_sec = tokens_per_step / step_time
-  record = {
-      "step": step, "loss": float(host["loss"]), "learning_rate": float(host["learning_rate"]),
-      "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_sec, "step_time_s": step_time,
-      "mfu": flops_per_token * tokens_per_sec / peak,
-  }
-  return record, (now, step)
+class _Rate:
+  """Turns a step's fetched metrics into its record: throughput over the steps since the last one."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float, step: int):
+    self._tokens, self._flops, self._peak = tokens_per_step, flops_per_token, peak
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self._since, self._step = time.perf_counter(), step
+
+  def record(self, step: int, device_metrics: dict) -> dict[str, Any]:
+    """Fetching the metrics blocks only until that (already queued) step is done."""
+    host = jax.device_get(device_metrics)
+    now = time.perf_counter()
+    step_time = (now - self._since) / max(step - self._step, 1)
+    self._since, self._step = now, step
+    tokens_per_sec = self._tokens / step_time
+    return {
+        "step": step, "loss": float(host["loss"]), "learning_rate": float(host["learning_rate"]),
+        "grad_norm": float(host["grad_norm"]), "param_norm": float(host["param_norm"]),
+        "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, "mfu": self._flops * tokens_per_sec / self._peak,
+        "skipped_steps": int(host["skipped_steps"]), "consecutive_skips": int(host["consecutive_skips"]),
+    }
 
 
 def _print_sample(reporter, params, config: config_lib.Config, tokenizer) -> None:

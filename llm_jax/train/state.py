@@ -24,13 +24,19 @@ class TrainState(NamedTuple):
   params: Any  # nested dict of float arrays (transformer.init_params layout)
   opt_state: optax.OptState
   rng: jax.Array  # uint32[2] key for dropout; advanced every step
+  guard: dict[str, jax.Array]  # the update guard's counters and loss mean (step.guard_update); checkpointed
+
+
+def init_guard() -> dict[str, jax.Array]:
+  return {"skipped": jnp.zeros((), jnp.int32), "consecutive": jnp.zeros((), jnp.int32),
+          "accepted": jnp.zeros((), jnp.int32), "loss_mean": jnp.zeros((), jnp.float32)}
 
 
 def init(model: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
   """A fresh state; pure, so it can run under `jax.eval_shape` and `jax.jit`."""
   init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
   params = transformer.init_params(model, init_rng)
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng, init_guard())
 
 
 def shardings(model: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -46,7 +52,8 @@ def shardings(model: ModelConfig, optimizer: optax.GradientTransformation, mesh:
   opt_shardings = optax.tree_map_params(
       optimizer, like_param, abstract.opt_state, param_shardings, abstract.params,
       transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  return TrainState(replicated, param_shardings, opt_shardings, replicated)
+  return TrainState(replicated, param_shardings, opt_shardings, replicated,
+                    jax.tree.map(lambda _: replicated, abstract.guard))
 
 
 def abstract(model: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:

@@ -23,6 +23,7 @@ from llm_jax.config import Config
 from llm_jax.model import transformer
 from llm_jax.train.state import TrainState
 
+SPIKE_WINDOW = 50  # accepted steps the spike guard's running mean spans (and waits for before judging)
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: int32 [B, L]; loss_mask: float32 [B, L]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -70,13 +71,43 @@ def train_step(state: TrainState, batch: Batch, *, config: Config, optimizer: op
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  loss, grad_norm, param_norm = aux["ce_sum"] / tokens, optax.tree.norm(grads), optax.tree.norm(params)
+  accept, guard = guard_update(state.guard, loss, jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
+                               config.train.spike_factor)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
   metrics = {
-      "loss": aux["ce_sum"] / tokens,
-      "grad_norm": optax.tree.norm(grads),
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": param_norm,
       "learning_rate": lr_schedule(state.step),
       "tokens": aux["tokens"],
+      "skipped_steps": guard["skipped"],
+      "consecutive_skips": guard["consecutive"],
   }
-  return TrainState(state.step + 1, params, opt_state, rng), metrics
+  return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), rng, guard), metrics
+
+
+def guard_update(guard: dict[str, jax.Array], loss: jax.Array, finite: jax.Array,
+                 spike_factor: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Whether to apply this step's update, and the guard's new counters; decided on device.
+
+  An update is skipped when the loss, the gradient or the updated parameters are not finite, so
+  a NaN never reaches the parameters (or a checkpoint), and, with `spike_factor`, when the loss
+  exceeds that factor times its running mean over accepted steps (a plain mean for the first
+  SPIKE_WINDOW of them, then an exponential one with that horizon; spikes are judged only after
+  SPIKE_WINDOW). The host reads the counters from metrics it already fetches: no extra sync.
+  """
+  finite = finite & jnp.isfinite(loss)
+  warm = guard["accepted"] >= SPIKE_WINDOW
+  spike = warm & (loss > spike_factor * guard["loss_mean"]) if spike_factor else jnp.zeros((), bool)
+  accept = finite & ~spike
+  rate = 1.0 / jnp.minimum(guard["accepted"] + 1, SPIKE_WINDOW).astype(jnp.float32)
+  return accept, {
+      "skipped": guard["skipped"] + (~accept).astype(jnp.int32),
+      "consecutive": jnp.where(accept, 0, guard["consecutive"] + 1),
+      "accepted": guard["accepted"] + accept.astype(jnp.int32),
+      "loss_mean": jnp.where(accept, guard["loss_mean"] + rate * (loss - guard["loss_mean"]), guard["loss_mean"]),
+  }
 
 
 def eval_step(params: Any, batch: Batch, *, config: Config) -> dict[str, jax.Array]:

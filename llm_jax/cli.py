@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 from llm_jax import config as config_lib
@@ -53,14 +54,49 @@ def _cmd_data(args: argparse.Namespace) -> int:
   return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-  import llm_jax
-  prompts = [args.prompt] if args.prompt is not None else []
-  if args.prompts_file:
-    with open(args.prompts_file, encoding="utf-8") as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+  """The prompts of `generate`: --prompt, then each non-blank line of --prompts-file.
+
+  A file that cannot serve (missing, a folder, not UTF-8 text, only blank lines) is named with
+  what is wrong with it, before the model is loaded.
+  """
+  prompts = [prompt] if prompt is not None else []
+  if prompts_file is not None:
+    path = pathlib.Path(prompts_file)
+    if path.is_dir():
+      raise config_lib.ConfigError(f"--prompts-file {path} is a folder; pass a text file with one prompt per line")
+    try:
+      data = path.read_bytes()
+    except FileNotFoundError:
+      raise config_lib.ConfigError(f"--prompts-file {path}: no such file; check the path") from None
+    except OSError as e:
+      raise config_lib.ConfigError(f"--prompts-file {path} cannot be read ({e.strerror}); check its "
+                                   "permissions") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+      raise config_lib.ConfigError(f"--prompts-file {path} is binary (a NUL byte at offset {nul}); pass a text file "
+                                   "with one prompt per line")
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise config_lib.ConfigError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}: {e.reason}); pass a "
+                                   "text file with one prompt per line") from None
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+      raise config_lib.ConfigError(f"--prompts-file {path} holds no prompt (every line is blank); write one prompt "
+                                   "per line")
+    prompts += lines
   if not prompts:
     raise config_lib.ConfigError("pass --prompt TEXT or --prompts-file FILE")
+  return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  import llm_jax
+  prompts = read_prompts(args.prompt, args.prompts_file)
+  if "" in prompts:
+    print("llm-jax: note: an empty prompt is conditioned on the bos token alone, which models trained by llm-jax "
+          "never see; give them some text, e.g. a newline", file=sys.stderr)
   model = llm_jax.load(args.workdir)
   results = model.generate(
       prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -82,6 +118,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+  from llm_jax import workdir
+  config_lib.check_export_dtype(args.dtype)
+  workdir.refuse_run_folder(args.out, "export")  # before anything is written, and before the heavy imports
   from llm_jax import checkpoint
   print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype))
   return 0
@@ -124,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("generate", help="sample text from a trained or converted model")
   p.add_argument("--workdir", required=True, help="a run's workdir or a checkpoint")
-  p.add_argument("--prompt")
+  p.add_argument("--prompt", help="text to continue; an empty one is conditioned on the bos token alone")
   p.add_argument("--prompts-file", help="one prompt per line")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -144,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="write a parameters-only checkpoint")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
-  p.add_argument("--dtype", default=None, help="cast parameters, e.g. bfloat16")
+  p.add_argument("--dtype", default=None, help="cast parameters: float32 or bfloat16 (what llm_jax.load reads)")
   p.set_defaults(handler=_cmd_export)
   return parser
 

@@ -204,6 +204,23 @@ def _expand(inputs: Sequence[str]) -> list[str]:
   return files
 
 
+def _check_out(out: str) -> None:
+  """Refuses, before training, an --out that names a folder.
+
+  Given DIR, sentencepiece would write DIR.model and DIR.vocab beside it, over any files of those names.
+  """
+  prefix = out[: -len(".model")] if out.endswith(".model") else out
+  written = (pathlib.Path(out), pathlib.Path(prefix + ".model"), pathlib.Path(prefix + ".vocab"))
+  if out.endswith(("/", os.sep)) or any(path.is_dir() for path in written):
+    raise TokenizerError(f"--out {out} names a folder; pass the path of the .model file to write, "
+                         f"e.g. {pathlib.Path(out) / 'tokenizer.model'}")
+  parent = pathlib.Path(prefix).parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise TokenizerError(f"--out {out} cannot be written: {parent} is a file; pass a path under a folder")
+
+
 def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, model_type: str = "bpe") -> pathlib.Path:
   """Trains a sentencepiece model on the files `inputs` (globs) and writes `out` (.model added if absent).
 
@@ -212,6 +229,7 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, model_type
   """
   if model_type not in ("bpe", "unigram"):
     raise TokenizerError(f"model type {model_type!r}: expected bpe or unigram")
+  _check_out(out)
   minimum = NUM_SPECIALS + 256 + 1  # specials, the 256 byte-fallback pieces and the newline piece
   if vocab_size <= minimum:
     raise TokenizerError(f"--vocab-size {vocab_size} is too small: it must exceed {minimum} (specials and bytes)")

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -341,13 +342,22 @@ def to_hf_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 class _LazyTensor:
   """One safetensors tensor: shape known, data read by np.asarray only."""
 
-  def __init__(self, handle: Any, name: str):
-    self._handle, self._name = handle, name
+  def __init__(self, handle: Any, name: str, path: pathlib.Path):
+    self._handle, self._name, self._path = handle, name, path
     self.shape = tuple(handle.get_slice(name).get_shape())
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    array = self._handle.get_tensor(self._name)
+    from safetensors import SafetensorError
+    try:
+      array = self._handle.get_tensor(self._name)
+    except SafetensorError as e:
+      raise _damaged(self._path, e) from None
     return array if dtype is None else array.astype(dtype)
+
+
+def _damaged(path: pathlib.Path, error: Exception) -> ConversionError:
+  reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return ConversionError(f"{path} is not a readable safetensors file ({reason}); download or save the model again")
 
 
 class SafetensorsReader(Mapping[str, _LazyTensor]):
@@ -355,26 +365,35 @@ class SafetensorsReader(Mapping[str, _LazyTensor]):
   memory-mapped and read one at a time. Use as a context manager; it closes the files."""
 
   def __init__(self, hf_dir: str | pathlib.Path):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     hf_dir = pathlib.Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      try:
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{index} is not a safetensors index ({type(e).__name__}: {e}); download or save "
+                              "the model again") from None
     elif (hf_dir / "model.safetensors").is_file():
       files = ["model.safetensors"]
     else:
       raise ConversionError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json; for a "
                             "pytorch_model.bin folder, re-save it with transformers' save_pretrained first")
     self._stack = contextlib.ExitStack()
-    self._where: dict[str, Any] = {}
+    self._where: dict[str, tuple[Any, pathlib.Path]] = {}  # tensor name: (open file, its path)
     for file in files:
       if not (hf_dir / file).is_file():
         raise ConversionError(f"{index} lists {file}, which is missing from {hf_dir}")
-      handle = self._stack.enter_context(safe_open(str(hf_dir / file), framework="np"))
-      self._where.update({name: handle for name in handle.keys()})
+      try:
+        handle = self._stack.enter_context(safe_open(str(hf_dir / file), framework="np"))
+      except SafetensorError as e:  # a damaged header: truncated, overwritten, not safetensors at all
+        self._stack.close()
+        raise _damaged(hf_dir / file, e) from None
+      self._where.update({name: (handle, hf_dir / file) for name in handle.keys()})
 
   def __getitem__(self, name: str) -> _LazyTensor:
-    return _LazyTensor(self._where[name], name)
+    handle, path = self._where[name]
+    return _LazyTensor(handle, name, path)
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._where)
@@ -396,7 +415,15 @@ def read_hf_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
   path = pathlib.Path(hf_dir) / "config.json"
   if not path.is_file():
     raise ConversionError(f"{path} not found; pass a local transformers model folder (config.json + safetensors)")
-  return json.loads(path.read_text())
+  try:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+  except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+    raise ConversionError(f"{path} is not JSON ({e}); pass a transformers model folder whose config.json is "
+                          "intact") from None
+  if not isinstance(raw, dict):
+    raise ConversionError(f"{path} holds a JSON {type(raw).__name__}, not a transformers config object; pass a "
+                          "transformers model folder")
+  return raw
 
 
 def load_hf(hf_dir: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
@@ -445,6 +472,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     tensors = {slot.name: _hf_tensor(params, slot, scanned) for slot in shard}
     total += sum(t.nbytes for t in tensors.values())
     save_file(tensors, str(out / file), metadata={"format": "pt"})
+    _as_created(out / file)
     weight_map.update({name: file for name in tensors})
     del tensors
   if len(files) > 1:
@@ -454,6 +482,25 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
   return out
 
 
+def _umask() -> int:
+  """This process's umask, read without changing it where Linux allows (os.umask alone must set one)."""
+  with contextlib.suppress(OSError, StopIteration, ValueError):
+    status = pathlib.Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _as_created(path: pathlib.Path) -> None:
+  """Gives a file the mode an ordinary new file gets (0666 less the umask).
+
+  safetensors' save_file writes through a private temporary file and renames it, leaving
+  mode 0600: other users (a serving account, a shared cache) could not read the export.
+  """
+  os.chmod(path, 0o666 & ~_umask())
+
+
 def import_hf(hf_dir: str | pathlib.Path, out_workdir: str | pathlib.Path) -> str:
   """`llm-jax convert --from-hf DIR --out WORKDIR`: a parameters-only checkpoint of a transformers folder.
 
@@ -461,8 +508,9 @@ def import_hf(hf_dir: str | pathlib.Path, out_workdir: str | pathlib.Path) -> st
   sentencepiece tokenizer.model comes along; the folder's config.json is kept as
   hf_config.json so an export restores its token ids.
   """
-  from llm_jax import checkpoint
+  from llm_jax import checkpoint, workdir
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out_workdir).absolute()
+  workdir.refuse_run_folder(out, "convert --from-hf")
   hf_config = read_hf_config(hf_dir)
   model_cfg, params = load_hf(hf_dir)
   data = config_lib.DataConfig()
@@ -485,7 +533,9 @@ def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
   workdir's hf_config.json when it was imported.
   """
   from llm_jax import checkpoint
+  from llm_jax import workdir as workdir_lib
   workdir = pathlib.Path(workdir)
+  workdir_lib.refuse_run_folder(out_dir, "convert --to-hf")
   params, config = checkpoint.restore_params(workdir)
   source = workdir / HF_CONFIG_FILE
   extra = {}

@@ -99,10 +99,15 @@ def generate_text(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: 
                   return_details: bool = False) -> list[str] | list[dict[str, Any]]:
   """The generated text of each prompt, or with return_details a dict per prompt.
 
-  A prompt is conditioned on exactly `tokenizer.encode(prompt)` (an empty one on the bos
-  token). Rows stop at the tokenizer's eos, at a `stop` string or after max_new_tokens. The
-  dict holds prompt, text, prompt_token_ids, token_ids, log_probs (the model's, per generated
-  token), finish_reason ("eos", "stop" or "length") and score.
+  A prompt is conditioned on exactly `tokenizer.encode(prompt)`. An empty one is conditioned on
+  the bos token alone, on purpose: that is how Llama-family models were trained to begin, while
+  a model trained by llm-jax never saw any token before a document's first one (its segments
+  start with the text itself and the loss never crosses the eos between documents), so no
+  token, eos included, would be what it trained on: give such a model some text.
+
+  Rows stop at the tokenizer's eos, at a `stop` string or after max_new_tokens. The dict holds
+  prompt, text, prompt_token_ids, token_ids, log_probs (the model's, per generated token),
+  finish_reason ("eos", "stop" or "length") and score.
   """
   prompt_ids = [list(tokenizer.encode(p)) or [tokenizer.bos_id] for p in prompts]
   stop_ids = [[i for i in tokenizer.encode(s) if i != tokenizer.bos_id] for s in stop]

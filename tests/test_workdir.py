@@ -52,7 +52,7 @@ def make_run(path: pathlib.Path, *, export: bool = False) -> pathlib.Path:
   for name in ("config.json", "metrics.jsonl", "tokenizer.json", "tokenizer.model", "curves.png"):
     (path / name).write_text(name)
   if export:
-    for name in ("params", "eval", "profile"):
+    for name in ("params", "eval", "profile", "damaged_checkpoints"):
       (path / name).mkdir()
       (path / name / "data").write_text(name)
     (path / "hf_config.json").write_text("{}")

@@ -74,7 +74,8 @@ def check_writable(path: str | pathlib.Path, flag: str = "--workdir") -> None:
 def refuse_run_folder(out: str | pathlib.Path, command: str) -> None:
   """Raises when `command` must not write its folder at `out`; call it before writing anything.
 
-  Refused: a file, a folder that holds a training run, and a place this process cannot write.
+  Refused: a file, a folder that holds a training run or lies inside one of its folders
+  (RUN/checkpoints/x), and a place this process cannot write.
   """
   out = pathlib.Path(out)
   if out.exists() and not out.is_dir():
@@ -82,6 +83,11 @@ def refuse_run_folder(out: str | pathlib.Path, command: str) -> None:
   if holds_run(out):
     raise WorkdirError(f"--out {out} holds a training run (checkpoints, config.json); {command} would overwrite its "
                        f"config.json and hide its checkpoints: pass another --out, e.g. {out}-export")
+  for run in out.absolute().parents:  # inside a run's own folders (its checkpoints/, say) is just as bad
+    part = out.absolute().relative_to(run).parts[0]
+    if part in RUN_FILES and holds_run(run):
+      raise WorkdirError(f"--out {out} lies inside {part} of the training run in {run}; {command} would mix its "
+                         f"files into the run's: pass a folder outside {run / part}")
   check_writable(out, "--out")
 
 

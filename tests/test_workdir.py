@@ -76,6 +76,22 @@ def test_holds_run(tmp_path):
   assert not workdir.holds_run(run / "config.json")  # a file
 
 
+def test_refuse_run_folder(tmp_path):
+  run = make_run(tmp_path / "run")
+  before = snapshot(tmp_path)
+  for out, message in [
+      (run, rf"--out {run} holds a training run \(checkpoints, config.json\); export would overwrite"),
+      (run / "config.json", rf"--out {run / 'config.json'} is a file; export writes a folder"),
+      (run / "checkpoints", rf"--out {run / 'checkpoints'} lies inside checkpoints of the training run in {run}; "),
+      (run / "checkpoints" / "10" / "x", rf"lies inside checkpoints of the training run in {run}; export would mix"),
+  ]:
+    with pytest.raises(WorkdirError, match=message):
+      workdir.refuse_run_folder(out, "export")
+  workdir.refuse_run_folder(run / "exports" / "x", "export")  # a folder of the user's inside the run's folder
+  workdir.refuse_run_folder(tmp_path / "new", "export")
+  assert snapshot(tmp_path) == before
+
+
 def test_clear_run_removes_what_runs_and_exports_wrote_and_nothing_else(tmp_path):
   run = make_run(tmp_path / "run", export=True)
   removed = workdir.clear_run(run)

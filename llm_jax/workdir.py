@@ -194,16 +194,22 @@ def _in_use(workdir: pathlib.Path, holder: Holder) -> WorkdirError:
 
 
 class Lock:
-  """A held workdir lock; `release` removes the file only while it is still this lock's."""
+  """A held workdir lock; `release` removes the file only while it is still this lock's.
 
-  def __init__(self, path: pathlib.Path, holder: Holder):
-    self.path, self.holder = path, holder
+  A workdir the lock created and nothing else filled (a run refused before writing) goes too.
+  """
+
+  def __init__(self, path: pathlib.Path, holder: Holder, created_folder: bool = False):
+    self.path, self.holder, self.created_folder = path, holder, created_folder
 
   def release(self) -> None:
     current = _read_lock(self.path)
     if isinstance(current, Holder) and current.token == self.holder.token:
       self.path.unlink(missing_ok=True)
     _MY_TOKENS.discard(self.holder.token)
+    if self.created_folder:
+      with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
+        self.path.parent.rmdir()
 
 
 def acquire(workdir: str | pathlib.Path, is_primary: bool = True, command: str = "llm-jax train") -> Lock | None:
@@ -218,6 +224,7 @@ def acquire(workdir: str | pathlib.Path, is_primary: bool = True, command: str =
     return None
   workdir = pathlib.Path(workdir)
   check_writable(workdir)
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / LOCK_NAME
   me = Holder(os.getpid(), socket.gethostname(), command, secrets.token_hex(8), _proc_stat(os.getpid())[1])
@@ -233,7 +240,7 @@ def acquire(workdir: str | pathlib.Path, is_primary: bool = True, command: str =
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(json.dumps(dataclasses.asdict(me)) + "\n")
     _MY_TOKENS.add(me.token)
-    return Lock(path, me)
+    return Lock(path, me, created)
   raise WorkdirError(f"cannot take the lock {path}: it keeps changing hands; start one llm-jax process per workdir")
 
 

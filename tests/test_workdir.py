@@ -169,6 +169,19 @@ def test_lock_is_released_after_an_error_and_can_be_taken_again(tmp_path):
     assert held_by(tmp_path)["token"] == held.holder.token
 
 
+def test_a_folder_the_lock_created_goes_with_it_when_left_empty(tmp_path):
+  with workdir.lock(tmp_path / "refused"):
+    pass  # a run that stopped before writing anything
+  assert not (tmp_path / "refused").exists()
+  with workdir.lock(tmp_path / "ran"):
+    (tmp_path / "ran" / "config.json").write_text("{}")
+  assert [p.name for p in (tmp_path / "ran").iterdir()] == ["config.json"]
+  (tmp_path / "empty").mkdir()
+  with workdir.lock(tmp_path / "empty"):
+    pass
+  assert (tmp_path / "empty").is_dir()  # the user's own folder stays
+
+
 def test_killed_holder_leaves_a_stale_lock_that_is_replaced(tmp_path, capfd):
   holder = start_holder(tmp_path)
   assert holder.stdout.readline() == "locked\n"

@@ -94,6 +94,23 @@ def test_other_architecture_names_first_mismatch(tmp_path):
     restore(tmp_path, config_lib.MeshConfig(fsdp=8), optim.make_optimizer(CONFIG.optim, 10), gpt2)
 
 
+@pytest.mark.parametrize("field, value", [("rope_theta", 500000.0), ("norm_eps", 1e-6), ("sliding_window", 8)])
+def test_same_shapes_other_meaning_is_refused(tmp_path, field, value):
+  """A field that changes what the parameters mean but not their shapes: a train restore and a parameters-only
+  restore both refuse, naming the field and both values (the shape checks alone would let it through)."""
+  saved, optimizer = saved_run(tmp_path, config_lib.MeshConfig(fsdp=8))
+  other = dataclasses.replace(CONFIG.model, **{field: value})
+  assert transformer.abstract_params(other) == transformer.abstract_params(CONFIG.model)
+  message = (rf"saved with model\.{field}={getattr(CONFIG.model, field)!r} but this run has "
+             rf"model\.{field}={value!r}")
+  with pytest.raises(checkpoint.CheckpointError, match=message):
+    restore(tmp_path, config_lib.MeshConfig(fsdp=8), optimizer, other)
+  with pytest.raises(checkpoint.CheckpointError, match=message):
+    checkpoint.restore_params(tmp_path, other)
+  params, _ = checkpoint.restore_params(tmp_path, CONFIG.model)  # the saved model itself restores
+  assert_trees_equal(params, saved.params)
+
+
 def test_export_and_load_parameters_only(tmp_path):
   saved, _ = saved_run(tmp_path / "run", config_lib.MeshConfig(fsdp=8))
   model = llm_jax.load(tmp_path / "run")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import pytest
 
@@ -267,7 +268,9 @@ def test_only_the_primary_process_takes_the_lock(tmp_path):
 def unprivileged(fn, *args) -> tuple[int, str]:
   """(exit status, stderr) of fn(*args) run in a forked child as a user that permission bits bind."""
   read, write = os.pipe()
-  pid = os.fork()
+  with warnings.catch_warnings():  # JAX warns of deadlocks in forked children; this one runs only the stdlib
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    pid = os.fork()
   if pid == 0:  # the child: report through the pipe, never return into pytest
     code = 1
     try:

@@ -7,6 +7,7 @@ round trips in both directions.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import pathlib
@@ -19,9 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the hf extra (torch CPU) is needed to compare with transformers")
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is needed")
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="the hf extra (safetensors) is needed")
+
+def hf_extra(name: str):
+  """A module of the hf extra: a user's clone without it skips these tests, CI (CI=true) fails on it.
+
+  Skipping in CI would let a broken install pass every parity check by running none of them.
+  """
+  if os.environ.get("CI") == "true":
+    try:
+      return importlib.import_module(name)
+    except ImportError as e:
+      pytest.fail(f"CI=true but the hf extra is not installed ({e}); install it: pip install -e '.[hf]'",
+                  pytrace=False)
+  return pytest.importorskip(name, reason=f"the hf extra ({name}) is needed to compare with transformers")
+
+
+torch = hf_extra("torch")
+transformers = hf_extra("transformers")
+safetensors_numpy = hf_extra("safetensors.numpy")
 
 import llm_jax  # noqa: E402
 from llm_jax import config as config_lib  # noqa: E402

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import shutil
 import signal
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 
 from llm_jax import checkpoint, distributed, sampling, sharding
+from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -27,13 +27,6 @@ from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optim
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
-
-RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "tensorboard", "tokenizer.model", "tokenizer.json")
-
-
-class WorkdirError(config_lib.ConfigError):
-  """A workdir that belongs to another run."""
-
 
 class _Stop:
   """SIGTERM/SIGINT: every process finishes the same step, they save one checkpoint together, exit 0.
@@ -72,22 +65,21 @@ class _Stop:
 
 
 def prepare_workdir(config: config_lib.Config, workdir: pathlib.Path, fresh: bool) -> None:
-  """Refuses a workdir of another architecture unless --fresh, which clears the old run."""
+  """Refuses a workdir of another architecture unless --fresh, which clears everything a run wrote."""
   if fresh and jax.process_index() == 0:
-    for name in RUN_FILES:
-      path = workdir / name
-      if path.is_dir():
-        shutil.rmtree(path)
-      elif path.exists():
-        path.unlink()
+    workdir_lib.clear_run(workdir)
   saved = workdir / "config.json"
   if saved.is_file() and not fresh:
     old = config_lib.load_json(saved).model
     field = checkpoint.first_difference(old, config.model)
     if field:
-      raise WorkdirError(f"{workdir} holds a run with model.{field}={getattr(old, field)!r}, this config has "
-                         f"{getattr(config.model, field)!r}; use another --workdir or pass --fresh to start it over")
+      raise workdir_lib.WorkdirError(f"{workdir} holds a run with model.{field}={getattr(old, field)!r}, this config "
+                                     f"has {getattr(config.model, field)!r}; use another --workdir or pass --fresh "
+                                     "to start it over")
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_count() > 1:  # no process reads the folder while process 0 may still be clearing it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("llm-jax: workdir prepared")
 
 
 def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool):
@@ -122,7 +114,14 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   distributed.initialize(config.mesh)
   config_lib.validate(config, jax.device_count())
   workdir = pathlib.Path(workdir).absolute()
-  prepare_workdir(config, workdir, fresh)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.lock(workdir, is_primary=jax.process_index() == 0):  # one trainer per workdir
+    prepare_workdir(config, workdir, fresh)
+    return _train(config, workdir)
+
+
+def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
+  """The run, inside its workdir's lock: set up or restore, then the step loop."""
   mesh = sharding.make_mesh(config.mesh)
   # Before the data pipeline's threads start: on CPU the peak is measured, and they would share the cores.
   peak, peak_source = metrics_lib.peak_flops()

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,16 +73,19 @@ def test_train_command_end_to_end(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_losses_bitwise(shared_data, tmp_path):
-  """SIGKILL after the step-15 checkpoint, resume: steps 16-30 match an uninterrupted run exactly."""
-  common = ["train.steps=30", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=15"]
+  """SIGKILL after the step-15 checkpoint, resume: steps 16-30 match an uninterrupted run exactly.
+
+  The killed run is configured for 100,000 steps, so the kill lands long before its end on any
+  machine; a constant schedule (after the warmup) makes its first 30 steps those of a 30-step run.
+  """
+  common = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=15", "optim.schedule=constant"]
   straight = tmp_path / "straight"
-  assert train(tiny_run_args(shared_data, straight, *common)).returncode == 0
+  assert train(tiny_run_args(shared_data, straight, "train.steps=30", *common)).returncode == 0
   expected = read_metrics(straight)
 
   killed = tmp_path / "killed"
-  args = tiny_run_args(shared_data, killed, *common)
-  process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "CI": "true"})
+  process = subprocess.Popen(tiny_run_args(shared_data, killed, "train.steps=100000", *common),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CI": "true"})
   marker = killed / "checkpoints" / "15" / "commit_success.txt"
   deadline = time.time() + 300
   while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -89,15 +93,41 @@ def test_kill_and_resume_reproduces_losses_bitwise(shared_data, tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert marker.exists()
-  assert not (killed / "checkpoints" / "30").exists(), "the run finished before the kill; slow its steps down"
+  # A machine fast enough to reach the next checkpoint before the kill would resume from there: take
+  # those away, so the resume starts from step 15 whatever the speed.
+  for later in (killed / "checkpoints").iterdir():
+    if later.name.isdigit() and int(later.name) > 15:
+      shutil.rmtree(later)
 
-  resumed = train(args)
+  resumed = train(tiny_run_args(shared_data, killed, "train.steps=30", *common))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resuming from step 15" in resumed.stdout
   got = read_metrics(killed)
   for step in range(16, 31):
     assert got[step]["loss"] == expected[step]["loss"], step
     assert got[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+
+@pytest.mark.slow
+def test_dropout_run_resumes_bitwise(shared_data, tmp_path):
+  """With every dropout on, a run stopped at step 8 and resumed to 16 gives the losses and parameters of one
+  uninterrupted 16-step run bit for bit: the dropout RNG is restored, not drawn again from the seed."""
+  common = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=8", "optim.schedule=constant",
+            "model.embed_dropout=0.1", "model.attn_dropout=0.1", "model.resid_dropout=0.1"]
+  straight = tmp_path / "straight"
+  result = train(tiny_run_args(shared_data, straight, "train.steps=16", *common))
+  assert result.returncode == 0, result.stderr[-3000:]
+  halves = tmp_path / "halves"
+  assert train(tiny_run_args(shared_data, halves, "train.steps=8", *common)).returncode == 0
+  resumed = train(tiny_run_args(shared_data, halves, "train.steps=16", *common))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from step 8" in resumed.stdout
+  expected, got = read_metrics(straight), read_metrics(halves)
+  assert sorted(got) == list(range(1, 17))
+  for step in range(1, 17):
+    assert got[step]["loss"] == expected[step]["loss"], step
+    assert got[step]["grad_norm"] == expected[step]["grad_norm"], step
+  jax.tree.map(np.testing.assert_array_equal, llm_jax.load(halves).params, llm_jax.load(straight).params)
 
 
 @pytest.mark.slow

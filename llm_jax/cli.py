@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:  # input the user can fix: one line, no traceback
     print(f"llm-jax: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # a second Ctrl-C: the trainer's first one would have saved and exited 0
+    print("llm-jax: interrupted; checkpoints that were complete are intact (an unfinished save is removed when "
+          "the run resumes)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # at once, as asked: background save threads would print their own tracebacks at shutdown
 
 
 def run() -> None:

@@ -372,6 +372,8 @@ _RANGES: dict[str, tuple[float, float, str, str]] = {
     "train.keep_checkpoints": (1, _FINITE, "[)", "the run needs its latest checkpoint to resume"),
     "train.early_stop_patience": (0, _FINITE, "[)", "0 never stops early"),
     "train.z_loss": (0, _FINITE, "[)", ""),
+    "train.max_skipped_steps": (1, _FINITE, "[)", "skipped updates in a row before the run stops"),
+    "train.spike_factor": (0, _FINITE, "[)", "0 turns the spike guard off; above 1 to skip only spikes"),
 }
 
 
@@ -400,6 +402,9 @@ def validate_ranges(config: Config) -> None:
       note = f" ({meaning})" if meaning else ""
       raise ConfigError(f"{key}={value!r}: expected {_range_text(low, high, bounds)}{note}")
   train, data = config.train, config.data
+  if 0 < train.spike_factor <= 1:
+    raise ConfigError(f"train.spike_factor={train.spike_factor!r}: a factor of 1 or less skips ordinary steps; "
+                      "use e.g. 3.0, or 0 to turn the spike guard off")
   if train.eval_every and train.eval_batches <= 0:
     raise ConfigError(f"train.eval_batches={train.eval_batches}: expected a positive count while evaluation is on "
                       "(or set train.eval_every=0 to turn it off)")

@@ -38,6 +38,9 @@ def validate(**sections):
     ("train", "eval_every", -5, r"train.eval_every=-5: expected a finite value >= 0 \(0 disables evaluation\)"),
     ("train", "checkpoint_every", -1, "train.checkpoint_every=-1: expected a finite value >= 0"),
     ("train", "keep_checkpoints", 0, "train.keep_checkpoints=0: expected a finite value >= 1"),
+    ("train", "max_skipped_steps", 0, "train.max_skipped_steps=0: expected a finite value >= 1"),
+    ("train", "spike_factor", -2.0, "train.spike_factor=-2.0: expected a finite value >= 0"),
+    ("train", "spike_factor", 0.5, "train.spike_factor=0.5: a factor of 1 or less skips ordinary steps"),
     ("train", "early_stop_patience", -1, "train.early_stop_patience=-1: expected a finite value >= 0"),
     ("train", "z_loss", -1e-4, "train.z_loss=-0.0001: expected a finite value >= 0"),
 ])

@@ -105,7 +105,7 @@ class OptimConfig:
 class DataConfig:
   """Where text comes from and how it becomes token rows."""
 
-  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB
+  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB or json:GLOB (data.format)
   eval_source: str = ""  # "" = the dataset's validation split, or a held-out fraction of files
   eval_fraction: float = 0.1  # local files: share of documents held out for evaluation
   tfds_data_dir: str = ""  # "" = TFDS default (~/tensorflow_datasets)
@@ -116,6 +116,9 @@ class DataConfig:
   chunk_chars: int = 0  # longer documents are cut at line breaks into pieces shuffled apart; 0 = 32 x seq_len
   worker_count: int = 0  # grain worker processes; 0 reads in the main process
   prefetch: int = 2  # batches prepared ahead of the step
+  format: str = "text"  # "text" (documents), "alpaca" (instruction/input/output records) or "chat" (messages records)
+  template: str = "alpaca"  # alpaca/chat: the prompt template, "alpaca", "chatml" or "tokenizer" (its HF chat template)
+  chat_template: str = ""  # template=tokenizer: "" = the tokenizer's own; or a tokenizer_config.json, .jinja or folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,8 @@ _CHOICES = {
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.text_split": ("file", "blank_line"),
+    "data.format": ("text", "alpaca", "chat"),
+    "data.template": ("alpaca", "chatml", "tokenizer"),
 }
 
 

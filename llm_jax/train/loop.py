@@ -101,7 +101,7 @@ def evaluate(eval_step, params, config: config_lib.Config, tokenizer, mesh) -> d
       sums = eval_step(params, batch)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
-  loss = float(totals["ce_sum"] / max(totals["tokens"], 1.0))
+  loss = float(totals["loss"] / max(totals["count"], 1.0))
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 

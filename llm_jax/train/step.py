@@ -1,11 +1,10 @@
-"""The one train step and its eval twin: loss, gradients, accumulation, optax update, metrics.
+"""The one train step and its eval twin: gradients of the given loss, accumulation, optax update, guard, metrics.
 
 `train_step(state, batch) -> (state, metrics)` is pure; `compile_steps` jits it once with
-explicit shardings and the state donated. Pretraining and fine-tuning share it: a batch
-carries a `loss_mask` (all ones on real tokens for pretraining, the answer tokens for SFT).
-
-The loss is computed here: token cross-entropy in float32, summed over unmasked tokens and
-divided by their count in the whole global batch, plus an optional z-loss.
+explicit shardings and the state donated. The loss comes in as a function (`train/losses.py`,
+where it is computed): pretraining, SFT and classification share this step and differ only in
+the loss and the data. The step divides the loss's summed gradients by its count over the
+whole global batch, so microbatches and shards add up exactly, then guards the update.
 """
 
 from __future__ import annotations
@@ -19,26 +18,12 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.config import Config
-from llm_jax.model import transformer
+from llm_jax.config import Config, TrainConfig
+from llm_jax.train import losses
 from llm_jax.train.state import TrainState
 
 SPIKE_WINDOW = 50  # accepted steps the spike guard's running mean spans (and waits for before judging)
-Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: int32 [B, L]; loss_mask: float32 [B, L]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-def loss_sums(params: Any, config: Config, batch: Batch, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """Summed (not averaged) masked cross-entropy + z-loss, so microbatches add up exactly."""
-  logits_BLV = transformer.forward(params, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
-                                   positions_BL=batch["positions"], rng=rng)
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLV, batch["targets"][..., None], axis=-1)[..., 0]
-  mask_BL = batch["loss_mask"].astype(jnp.float32)
-  ce = ((log_z_BL - target_logit_BL) * mask_BL).sum()
-  z = (jnp.square(log_z_BL) * mask_BL).sum()
-  total = ce + config.train.z_loss * z if config.train.z_loss else ce
-  return total, {"ce_sum": ce, "tokens": mask_BL.sum()}
+Batch = dict[str, jax.Array]  # every array [B, L]: inputs, targets, segment_ids, positions, loss_mask (+ a task's own)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -50,37 +35,37 @@ def _microbatches(batch: Batch, n: int) -> Batch:
   return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, batch: Batch, *, config: Config, optimizer: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, train: TrainConfig,
+               optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the summed gradients of `loss_fn`, divided by the global batch's count."""
   rng, step_rng = jax.random.split(state.rng)
-  use_dropout = max(config.model.embed_dropout, config.model.attn_dropout, config.model.resid_dropout) > 0
-  grad_fn = jax.grad(loss_sums, has_aux=True)
-  n = config.train.microbatches
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  n = train.microbatches
 
   if n == 1:
-    grads, aux = grad_fn(state.params, config, batch, step_rng if use_dropout else None)
+    grads, sums = grad_fn(state.params, batch, step_rng)
   else:
     def accumulate(carry, xs):
       micro, micro_rng = xs
-      g, a = grad_fn(state.params, config, micro, micro_rng if use_dropout else None)
-      return jax.tree.map(jnp.add, carry, (g, a)), None
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), {"ce_sum": jnp.zeros(()), "tokens": jnp.zeros(())})
-    (grads, aux), _ = jax.lax.scan(accumulate, zeros, (_microbatches(batch, n), jax.random.split(step_rng, n)))
+      return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, micro_rng)), None
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, step_rng))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (_microbatches(batch, n), jax.random.split(step_rng, n)))
 
-  tokens = jnp.maximum(aux["tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+  count = jnp.maximum(sums["count"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  loss, grad_norm, param_norm = aux["ce_sum"] / tokens, optax.tree.norm(grads), optax.tree.norm(params)
+  loss, grad_norm, param_norm = sums["loss"] / count, optax.tree.norm(grads), optax.tree.norm(params)
   accept, guard = guard_update(state.guard, loss, jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
-                               config.train.spike_factor)
+                               train.spike_factor)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)  # noqa: E731
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
       "param_norm": param_norm,
       "learning_rate": lr_schedule(state.step),
-      "tokens": aux["tokens"],
+      "tokens": sums["count"],
       "skipped_steps": guard["skipped"],
       "consecutive_skips": guard["consecutive"],
   }
@@ -110,25 +95,27 @@ def guard_update(guard: dict[str, jax.Array], loss: jax.Array, finite: jax.Array
   }
 
 
-def eval_step(params: Any, batch: Batch, *, config: Config) -> dict[str, jax.Array]:
-  """Summed loss and token count of one batch; the caller divides after summing batches."""
-  _, aux = loss_sums(params, config, batch)
-  return aux
+def eval_step(params: Any, batch: Batch, *, loss_fn: losses.LossFn) -> dict[str, jax.Array]:
+  """The loss's sums over one batch (no dropout); the caller divides after summing batches."""
+  return loss_fn(params, batch, None)[1]
 
 
 def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                  mesh: Mesh, state_shardings: TrainState) -> tuple[Callable, Callable]:
+                  mesh: Mesh, state_shardings: TrainState, loss_fn: losses.LossFn | None = None
+                  ) -> tuple[Callable, Callable]:
   """(train_step, eval_step) jitted with explicit shardings; the train state is donated.
 
-  Both run under the mesh so activation constraints in the model apply.
+  `loss_fn` defaults to the one the config asks for (`losses.for_config`). Both run under the
+  mesh so activation constraints in the model apply.
   """
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  loss_fn = loss_fn or losses.for_config(config)
+  batch_shardings = sharding.batch_sharding(mesh)  # one sharding for every array of the batch, whatever its keys
   replicated = sharding.replicated(mesh)
   train = jax.jit(
-      functools.partial(train_step, config=config, optimizer=optimizer, lr_schedule=lr_schedule),
+      functools.partial(train_step, loss_fn=loss_fn, train=config.train, optimizer=optimizer, lr_schedule=lr_schedule),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, config=config),
+  evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
                      in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
 
   def with_mesh(fn):

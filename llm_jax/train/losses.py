@@ -1,0 +1,47 @@
+"""The losses the one train step takes: where the loss is computed.
+
+A loss is `loss_fn(params, batch, rng) -> (objective, sums)`. Both are SUMS over the batch, not
+means: `objective` is what is differentiated (the loss plus any auxiliary term), and `sums`
+holds at least `loss` (the summed loss alone) and `count` (how many tokens or examples it sums
+over), plus whatever else a task counts (`correct`). The step adds them over microbatches and
+divides by the global count once, so accumulation and sharding change nothing, and one
+compiled step serves pretraining, SFT and classification, which differ only in loss and data.
+
+`rng` is a key for dropout; a loss passes it to the model only when the model has dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import Config, ModelConfig
+from llm_jax.model import transformer
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def has_dropout(model: ModelConfig) -> bool:
+  return max(model.embed_dropout, model.attn_dropout, model.resid_dropout) > 0
+
+
+def lm_loss(params: Any, batch: Batch, rng: jax.Array | None, *, model: ModelConfig,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-token cross-entropy in float32 over tokens with `loss_mask` 1 (pretraining and SFT), + z-loss."""
+  logits_BLV = transformer.forward(params, model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
+                                   positions_BL=batch["positions"], rng=rng if has_dropout(model) else None)
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLV, batch["targets"][..., None], axis=-1)[..., 0]
+  mask_BL = batch["loss_mask"].astype(jnp.float32)
+  ce = ((log_z_BL - target_logit_BL) * mask_BL).sum()
+  objective = ce + z_loss * (jnp.square(log_z_BL) * mask_BL).sum() if z_loss else ce
+  return objective, {"loss": ce, "count": mask_BL.sum()}
+
+
+def for_config(config: Config) -> LossFn:
+  """The loss a run's config asks for."""
+  return functools.partial(lm_loss, model=config.model, z_loss=config.train.z_loss)

@@ -9,6 +9,10 @@ between the processes go through gloo, jax's default on CPU.
 
 returns every process's stdout; a process that fails or hangs fails the call with every
 process's output, and the others are stopped at once rather than left waiting for it.
+
+With `jax_env=False` the JAX_* variables are neither set nor inherited, so a script that joins
+by other means (e.g. `mesh.coordinator_address=...` overrides, as the README documents) is
+tested alone; `args(process_id, port)` gives each process its command-line arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,27 +36,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _environment(process_id: int, num_processes: int, devices: int, port: int, extra: dict | None) -> dict:
-  env = dict(os.environ)
+JAX_JOIN_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _environment(process_id: int, num_processes: int, devices: int, port: int, extra: dict | None,
+                 jax_env: bool = True) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in JAX_JOIN_ENV}
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env.update(
       XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
       JAX_PLATFORMS="cpu",
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES=str(num_processes),
-      JAX_PROCESS_ID=str(process_id),
       PYTHONUNBUFFERED="1",
   )
+  if jax_env:
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id))
   env.update(extra or {})
   return env
 
 
 def run_processes(script_source: str, num_processes: int = 2, devices_per_process: int = 4,
-                  timeout: float = 240, env: dict | None = None) -> list[str]:
+                  timeout: float = 240, env: dict | None = None, jax_env: bool = True,
+                  args: Callable[[int, int], list[str]] | None = None) -> list[str]:
   """Runs `script_source` in `num_processes` processes; returns their stdouts in process order.
 
-  Raises AssertionError with all outputs when any process exits non-zero or the run exceeds
-  `timeout` seconds.
+  `jax_env=False` leaves the JAX_* join variables out; `args(process_id, port)` are each
+  process's command-line arguments (`sys.argv[1:]` in the script). Raises AssertionError with
+  all outputs when any process exits non-zero or the run exceeds `timeout` seconds.
   """
   port = free_port()
   with tempfile.TemporaryDirectory() as tmp:
@@ -59,8 +70,8 @@ def run_processes(script_source: str, num_processes: int = 2, devices_per_proces
     script.write_text(script_source)
     logs = [(open(pathlib.Path(tmp) / f"{i}.out", "w+"), open(pathlib.Path(tmp) / f"{i}.err", "w+"))
             for i in range(num_processes)]
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=out, stderr=err,
-                              env=_environment(i, num_processes, devices_per_process, port, env))
+    procs = [subprocess.Popen([sys.executable, str(script), *(args(i, port) if args else [])], cwd=REPO, stdout=out,
+                              stderr=err, env=_environment(i, num_processes, devices_per_process, port, env, jax_env))
              for i, (out, err) in enumerate(logs)]
     failure = _wait(procs, timeout)
     outputs = []

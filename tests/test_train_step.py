@@ -177,7 +177,8 @@ def test_loss_and_gradients_are_divided_by_the_global_token_count():
   # Targets the model finds likely in odd rows and unlikely in even rows, so the microbatches' mean losses differ.
   logits0 = np.asarray(transformer.forward(params0, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
                                            positions_BL=batch["positions"]))
-  batch["targets"] = np.where((np.arange(16) % 2 == 1)[:, None], logits0.argmax(-1), logits0.argmin(-1)).astype(np.int32)
+  odd_rows = (np.arange(16) % 2 == 1)[:, None]
+  batch["targets"] = np.where(odd_rows, logits0.argmax(-1), logits0.argmin(-1)).astype(np.int32)
 
   def reference_terms(params):
     logits = transformer.forward(params, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],

@@ -1,10 +1,14 @@
-"""Resumes that could not continue the saved run are refused in one line, before anything is written."""
+"""Resumes that could not continue the saved run are refused in one line, before anything is written;
+a second trainer on a busy workdir is refused; a stop asked for before the first step resumes exactly."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from test_train_loop import tiny_run_args, train
+from test_train_loop import read_metrics, tiny_run_args, train
 
 RUN = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2"]
 
@@ -52,3 +56,47 @@ def test_another_tokenizer_of_the_same_size_is_refused(shared_data, trained, tmp
 def test_another_seq_len_names_the_setting_and_both_values(shared_data, trained):
   line = refused(shared_data, trained, "train.steps=6", "data.seq_len=32")
   assert "this run has data.seq_len=32 but its checkpoint was saved with 64" in line
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_busy_workdir_is_refused(shared_data, tmp_path):
+  """The same command started twice: the second is refused in one line and the first goes on."""
+  workdir = tmp_path / "run"
+  args = tiny_run_args(shared_data, workdir, *RUN, "train.steps=100000")
+  first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "CI": "true"})
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists():
+      assert time.time() < deadline and first.poll() is None
+      time.sleep(0.01)
+    second = train(args)
+    assert second.returncode == 2, second.stderr[-2000:]
+    line, = second.stderr.strip().splitlines()
+    assert f"is in use by pid {first.pid} on host" in line and "another --workdir" in line
+    assert first.poll() is None  # untouched by the refused one
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+  assert first.returncode == 0 and "checkpoint saved" in out
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_first_compile_saves_step_one_and_resumes_bitwise(shared_data, tmp_path):
+  straight = tmp_path / "straight"
+  assert train(tiny_run_args(shared_data, straight, *RUN, "train.steps=4")).returncode == 0
+  workdir = tmp_path / "run"
+  args = tiny_run_args(shared_data, workdir, *RUN, "train.steps=4")
+  process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "CI": "true"})
+  for line in process.stdout:  # printed just before the step is compiled
+    if "parameters, mesh" in line:
+      break
+  process.send_signal(signal.SIGTERM)
+  out = process.stdout.read()
+  process.wait(timeout=120)
+  assert process.returncode == 0 and "SIGTERM received" in out, out[-2000:]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+  assert train(args).returncode == 0
+  got, expected = read_metrics(workdir), read_metrics(straight)
+  assert [got[s]["loss"] for s in range(1, 5)] == [expected[s]["loss"] for s in range(1, 5)]

@@ -129,6 +129,8 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
   optimizer = optim.make_optimizer(config.optim, total)
   lr_schedule = optim.schedule(config.optim, total)
   shardings = state_lib.shardings(config.model, optimizer, mesh)
+  stop = _Stop(agree_every=config.train.log_every)
+  previous_handlers = stop.install()  # from here on a SIGTERM (restore, compile, ...) stops after a step and saves
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   batches = None
   try:
@@ -162,10 +164,12 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
       rate = _Rate(config.train.batch_size * config.data.seq_len, stats.flops_per_token(config.model, config.data.seq_len),
                    peak, start or 0)
       return _run(config, state, start or 0, loop_state, train_step, eval_step, batches, tokenizer, mesh, ckpt,
-                  reporter, rate)
+                  reporter, rate, stop)
     finally:
       reporter.close()
   finally:
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
     ckpt.close()
     if batches is not None:
       batches.close()
@@ -183,56 +187,51 @@ def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start:
 
 
 def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loop_state: dict, train_step, eval_step,
-         batches, tokenizer, mesh, ckpt: checkpoint.Checkpointer, reporter: metrics_lib.Reporter, rate: _Rate) -> dict:
+         batches, tokenizer, mesh, ckpt: checkpoint.Checkpointer, reporter: metrics_lib.Reporter, rate: _Rate,
+         stop: _Stop) -> dict:
   """The step loop, from step `start` + 1 to `train.steps` (or a stop, early or asked for)."""
   total, train_cfg = config.train.steps, config.train
-  stop = _Stop(agree_every=train_cfg.log_every)
-  previous_handlers = stop.install()
   last: dict[str, Any] = {}
   pending = None  # (step, metrics on device) of the last dispatched step that will be logged
   stopping = False
-  try:
-    for step in range(start + 1, total + 1):
-      batch = next(batches)
-      with jax.transfer_guard("disallow"):
-        state, step_metrics = train_step(state, batch)
-      if pending is not None:  # fetch step N-1's metrics only now that step N is queued
-        last, pending = _log(rate.record(*pending), reporter, train_cfg), None
-      stopping = stop.agreed(step)
-      is_last = step == total or stopping
-      eval_now = bool(train_cfg.eval_every) and (step % train_cfg.eval_every == 0 or is_last)
-      record_eval = {}
-      if eval_now:
-        record = _log(rate.record(step, step_metrics), reporter, train_cfg, write=False)
-        record_eval = evaluate(eval_step, state.params, config, tokenizer, mesh)
-        last = {**record, **record_eval}
-        reporter.write(last)
-        _print_sample(reporter, state.params, config, tokenizer)
-        rate.restart(step)  # evaluation time is not training throughput
-        _track_best(loop_state, record_eval["eval_loss"])
-      elif step % train_cfg.log_every == 0 or is_last:
-        pending = (step, step_metrics)
-      early_stop = bool(train_cfg.early_stop_patience) and loop_state["evals_without_gain"] >= train_cfg.early_stop_patience
-      if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or is_last or early_stop:
-        ckpt.save(step, state.params, _train_item(state), batches.get_state(), config,
-                  metrics={"eval_loss": record_eval["eval_loss"]} if record_eval else None, loop_state=loop_state)
-      if early_stop:
-        reporter.message(f"llm-jax: stopping early at step {step}: eval loss has not improved for "
-                         f"{loop_state['evals_without_gain']} evaluations (best {loop_state['best_eval']:.4f})")
-        break
-      if stopping:
-        break
-    if pending is not None:
-      last = _log(rate.record(*pending), reporter, train_cfg)
-    ckpt.wait()
-    if stopping:
-      reporter.message(f"llm-jax: stopped at step {int(jax.device_get(state.step))}; checkpoint saved in "
-                       f"{ckpt.directory}. Run the same command to resume.")
-    elif not train_cfg.eval_every:
+  for step in range(start + 1, total + 1):
+    batch = next(batches)
+    with jax.transfer_guard("disallow"):
+      state, step_metrics = train_step(state, batch)
+    if pending is not None:  # fetch step N-1's metrics only now that step N is queued
+      last, pending = _log(rate.record(*pending), reporter, train_cfg), None
+    stopping = stop.agreed(step)
+    is_last = step == total or stopping
+    eval_now = bool(train_cfg.eval_every) and (step % train_cfg.eval_every == 0 or is_last)
+    record_eval = {}
+    if eval_now:
+      record = _log(rate.record(step, step_metrics), reporter, train_cfg, write=False)
+      record_eval = evaluate(eval_step, state.params, config, tokenizer, mesh)
+      last = {**record, **record_eval}
+      reporter.write(last)
       _print_sample(reporter, state.params, config, tokenizer)
-  finally:
-    for sig, handler in previous_handlers.items():
-      signal.signal(sig, handler)
+      rate.restart(step)  # evaluation time is not training throughput
+      _track_best(loop_state, record_eval["eval_loss"])
+    elif step % train_cfg.log_every == 0 or is_last:
+      pending = (step, step_metrics)
+    early_stop = bool(train_cfg.early_stop_patience) and loop_state["evals_without_gain"] >= train_cfg.early_stop_patience
+    if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or is_last or early_stop:
+      ckpt.save(step, state.params, _train_item(state), batches.get_state(), config,
+                metrics={"eval_loss": record_eval["eval_loss"]} if record_eval else None, loop_state=loop_state)
+    if early_stop:
+      reporter.message(f"llm-jax: stopping early at step {step}: eval loss has not improved for "
+                       f"{loop_state['evals_without_gain']} evaluations (best {loop_state['best_eval']:.4f})")
+      break
+    if stopping:
+      break
+  if pending is not None:
+    last = _log(rate.record(*pending), reporter, train_cfg)
+  ckpt.wait()
+  if stopping:
+    reporter.message(f"llm-jax: stopped at step {int(jax.device_get(state.step))}; checkpoint saved in "
+                     f"{ckpt.directory}. Run the same command to resume.")
+  elif not train_cfg.eval_every:
+    _print_sample(reporter, state.params, config, tokenizer)
   return last
 
 

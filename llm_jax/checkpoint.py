@@ -316,6 +316,15 @@ def find_params(path: str | pathlib.Path) -> tuple[pathlib.Path, config_lib.Conf
   raise CheckpointError(f"no complete checkpoint under {path}; train first or pass an export from `llm-jax export`")
 
 
+def tokenizer_folder(path: str | pathlib.Path) -> pathlib.Path | None:
+  """The folder holding the tokenizer saved beside a checkpoint: the folder itself or its run's workdir."""
+  path = pathlib.Path(path).absolute()
+  for folder in (path, *path.parents[:3]):
+    if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+      return folder
+  return None
+
+
 def _check_intact(path: pathlib.Path, reason: str | None, fix: str) -> None:
   if reason is not None:
     raise CheckpointError(f"checkpoint {path} is damaged: {reason}; {fix}")

@@ -8,6 +8,7 @@ aborts at once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import signal
@@ -112,6 +113,7 @@ class RunStopped(config_lib.ConfigError):
 def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = False) -> dict[str, Any]:
   """Runs (or resumes) the run described by `config` in `workdir`; returns the last record."""
   distributed.initialize(config.mesh)
+  config = with_base(config)
   config_lib.validate(config, jax.device_count())
   workdir = pathlib.Path(workdir).absolute()
   workdir_lib.check_writable(workdir)
@@ -173,6 +175,21 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
     ckpt.close()
     if batches is not None:
       batches.close()
+
+
+def with_base(config: config_lib.Config) -> config_lib.Config:
+  """With `train.init_from`, the base's architecture and tokenizer: one fine-tuning config serves any base.
+
+  The config's model section then sets only run-time fields (checkpoint.RUNTIME_FIELDS: dtype,
+  remat, dropout, ...), and data.tokenizer becomes the folder of the tokenizer saved beside the
+  base (its own recorded spec where none is). A resume derives the same, so it compares equal.
+  """
+  if not config.train.init_from:
+    return config
+  params_dir, saved = checkpoint.find_params(config.train.init_from)
+  model = dataclasses.replace(saved.model, **{f: getattr(config.model, f) for f in checkpoint.RUNTIME_FIELDS})
+  folder = checkpoint.tokenizer_folder(params_dir.parent)
+  return config_lib.replace(config, model=model, data={"tokenizer": str(folder) if folder else saved.data.tokenizer})
 
 
 def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start: int, workdir: pathlib.Path) -> None:

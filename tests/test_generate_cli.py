@@ -18,6 +18,7 @@ from test_train_loop import tiny_run_args, train  # tests/test_train_loop.py
 
 import llm_jax
 
+pytestmark = pytest.mark.slow  # trains a run, then calls the real command
 DETAIL_KEYS = {"prompt", "text", "prompt_token_ids", "token_ids", "log_probs", "finish_reason", "score"}
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: sentencepiece models trained to round-trip any text, and a zero-setup byte tokenizer.
+"""Tokenizers: sentencepiece models trained to round-trip any text, a zero-setup byte tokenizer, and
+Hugging Face tokenizer.json files (`hf_tokenizer.py`, which keeps each model's own specials).
 
 Both use the same special ids (a foreign sentencepiece model, such as Llama 2's with unk 0,
 bos 1, eos 2 and no pad, keeps its own, read from the model; callers use `tokenizer.eos_id`):
@@ -15,6 +16,10 @@ fallback for any character outside its vocabulary; digits are split so numbers s
 
 `encode` never adds bos/eos; `decode` drops specials (and ids beyond the vocabulary, which a
 model whose embedding table is padded past the tokenizer can sample).
+
+A workdir's tokenizer.json says which tokenizer it holds: llm-jax's own is {"type": "byte"} or
+{"type": "sentencepiece", "model": "tokenizer.model"}; a Hugging Face one (its "model" is an object)
+is that tokenizer itself, with its tokenizer_config.json beside it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
   unk_id: int
+  chat_template: str | None  # a Hugging Face tokenizer's jinja chat template; None for the others
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without bos or eos."""
@@ -68,6 +74,7 @@ class Tokenizer(Protocol):
 class _Specials:
   vocab_size: int
   pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+  chat_template: str | None = None
 
 
 class ByteTokenizer(_Specials):
@@ -147,7 +154,7 @@ def _processor(model_proto: bytes, origin: str) -> spm.SentencePieceProcessor:
     sp.load_from_serialized_proto(model_proto)
   except (RuntimeError, OSError):
     raise TokenizerError(f"{origin} is not a sentencepiece model; pass a .model file written by "
-                         "`llm-jax tokenizer train`, or data.tokenizer=byte") from None
+                         "`llm-jax tokenizer train`, a Hugging Face tokenizer.json, or data.tokenizer=byte") from None
   return sp
 
 
@@ -159,35 +166,67 @@ def _write_json(workdir: str | pathlib.Path, content: dict) -> pathlib.Path:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """`data.tokenizer`: "byte", or the path of a sentencepiece .model file."""
+  """`data.tokenizer`: "byte", a sentencepiece .model file, or a Hugging Face tokenizer.json or its folder.
+
+  A folder is read as `load_from_workdir` reads one, so a converted model's folder or a run's workdir
+  serves too. A tokenizer.json brings the transformers files beside it (see `hf_tokenizer.py`).
+  """
   if spec == "byte":
     return ByteTokenizer()
   path = pathlib.Path(spec).expanduser()
+  if path.is_dir():
+    return _load_folder(path, f"data.tokenizer={spec!r}")
   if not path.is_file():
     raise TokenizerError(
         f"data.tokenizer={spec!r}: no such file; train one with `llm-jax tokenizer train --input GLOB "
-        f"--vocab-size N --out {spec}` or set data.tokenizer=byte")
+        f"--vocab-size N --out {spec}`, pass a Hugging Face tokenizer.json, or set data.tokenizer=byte")
+  if path.suffix == ".json":
+    return _load_json(path)
   return SentencePieceTokenizer(path.read_bytes(), str(path))
 
 
+def _load_json(path: pathlib.Path) -> Tokenizer:
+  """A tokenizer.json: llm-jax's note of which tokenizer a workdir holds, or a Hugging Face tokenizer."""
+  from llm_jax.data import hf_tokenizer
+  try:
+    info = json.loads(path.read_bytes())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise TokenizerError(f"{path} is not JSON; pass a Hugging Face tokenizer.json or a folder holding one") from None
+  if hf_tokenizer.is_hf_json(info):
+    return hf_tokenizer.HFTokenizer.from_folder(path.parent, path.name)
+  kind = info.get("type") if isinstance(info, dict) else None
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "sentencepiece":
+    return load_tokenizer(str(path.parent / info.get("model", _MODEL_NAME)))
+  raise TokenizerError(f"{path} is neither a Hugging Face tokenizer.json (no \"model\" object) nor llm-jax's "
+                       f"(type {kind!r}, expected byte or sentencepiece); pass the tokenizer.json of a "
+                       "transformers folder")
+
+
+def _load_folder(folder: pathlib.Path, what: str) -> Tokenizer:
+  if (folder / _JSON_NAME).is_file():
+    return _load_json(folder / _JSON_NAME)
+  if (folder / _MODEL_NAME).is_file():
+    return load_tokenizer(str(folder / _MODEL_NAME))
+  raise TokenizerError(f"{what}: {folder} holds no {_JSON_NAME} or {_MODEL_NAME}; pass a folder that holds a "
+                       "tokenizer (a run's workdir, a converted model or a transformers folder)")
+
+
 def load_from_workdir(workdir: str | pathlib.Path) -> Tokenizer:
-  """The tokenizer a run saved into its workdir (see `Tokenizer.save`)."""
+  """The tokenizer a run saved into its workdir (see `Tokenizer.save`), or a converted model's.
+
+  tokenizer.json decides when present (a byte run saved over a sentencepiece workdir is a byte run,
+  and a Hugging Face tokenizer.json wins over the tokenizer.model that Mistral's folders also hold).
+  """
   workdir = pathlib.Path(workdir)
-  info_path = workdir / _JSON_NAME
-  if info_path.is_file():
-    info = json.loads(info_path.read_text())
-    if info.get("type") == "byte":
-      return ByteTokenizer()
-    if info.get("type") == "sentencepiece":
-      return load_tokenizer(str(workdir / info.get("model", _MODEL_NAME)))
-    raise TokenizerError(f"{info_path} names tokenizer type {info.get('type')!r}; expected byte or sentencepiece")
-  if (workdir / _MODEL_NAME).is_file():
-    return load_tokenizer(str(workdir / _MODEL_NAME))
-  raise TokenizerError(f"{workdir} holds no {_JSON_NAME} or {_MODEL_NAME}; is it a llm-jax workdir?")
+  if not ((workdir / _JSON_NAME).is_file() or (workdir / _MODEL_NAME).is_file()):
+    raise TokenizerError(f"{workdir} holds no {_JSON_NAME} or {_MODEL_NAME}; is it a llm-jax workdir?")
+  return _load_folder(workdir, str(workdir))
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-  """Fails before training when the model cannot embed every id the tokenizer emits."""
+  """Fails before training when the model cannot embed every id the tokenizer emits (added tokens included)."""
   if model_vocab_size < tokenizer.vocab_size:
     raise TokenizerError(
         f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocabulary of "

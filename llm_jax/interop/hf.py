@@ -501,25 +501,49 @@ def _as_created(path: pathlib.Path) -> None:
   os.chmod(path, 0o666 & ~_umask())
 
 
+def _hf_tokenizer_spec(hf_dir: pathlib.Path, out: pathlib.Path, model_vocab_size: int) -> str | None:
+  """The `data.tokenizer` of an import, after checking the folder's tokenizer fits the model.
+
+  A Hugging Face tokenizer.json wins over a tokenizer.model beside it (as in transformers, whose fast
+  tokenizer reads it); a folder with only tokenizer.model keeps it, as before. Checked before any
+  weight is read, so a broken or foreign tokenizer stops the import with nothing written.
+  """
+  from llm_jax.data import hf_tokenizer
+  from llm_jax.data import tokenizer as tokenizer_lib
+  if (hf_dir / hf_tokenizer.TOKENIZER_JSON).is_file():
+    tok = tokenizer_lib.load_tokenizer(str(hf_dir / hf_tokenizer.TOKENIZER_JSON))
+    if isinstance(tok, hf_tokenizer.HFTokenizer):
+      if tok.vocab_size > model_vocab_size:
+        raise ConversionError(f"{hf_dir}'s tokenizer has {tok.vocab_size} tokens (added ones included) but its "
+                              f"config.json vocab_size is {model_vocab_size}; the tokenizer belongs to another model: "
+                              "convert a folder whose tokenizer.json fits its model")
+      return str(out / hf_tokenizer.TOKENIZER_JSON)
+  if (hf_dir / "tokenizer.model").is_file():
+    return str(out / "tokenizer.model")
+  return None
+
+
 def import_hf(hf_dir: str | pathlib.Path, out_workdir: str | pathlib.Path) -> str:
   """`llm-jax convert --from-hf DIR --out WORKDIR`: a parameters-only checkpoint of a transformers folder.
 
-  The workdir is what `llm_jax.load`, `llm-jax generate` and `train.init_from` read. A
-  sentencepiece tokenizer.model comes along; the folder's config.json is kept as
+  The workdir is what `llm_jax.load`, `llm-jax generate` and `train.init_from` read. The tokenizer
+  comes along as it is: tokenizer.json, tokenizer_config.json, special_tokens_map.json and
+  chat_template.jinja, and a sentencepiece tokenizer.model; the folder's config.json is kept as
   hf_config.json so an export restores its token ids.
   """
   from llm_jax import checkpoint, workdir
+  from llm_jax.data import hf_tokenizer
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out_workdir).absolute()
   workdir.refuse_run_folder(out, "convert --from-hf")
   hf_config = read_hf_config(hf_dir)
+  tokenizer = _hf_tokenizer_spec(hf_dir, out, config_from_hf(hf_config).vocab_size)
   model_cfg, params = load_hf(hf_dir)
   data = config_lib.DataConfig()
-  tokenizer = hf_dir / "tokenizer.model"
-  data = dataclasses.replace(data, seq_len=min(data.seq_len, model_cfg.max_len),
-                             tokenizer=str(out / "tokenizer.model") if tokenizer.is_file() else data.tokenizer)
+  data = dataclasses.replace(data, seq_len=min(data.seq_len, model_cfg.max_len), tokenizer=tokenizer or data.tokenizer)
   written = checkpoint.save_params(out, params, config_lib.Config(model=model_cfg, data=data))
-  if tokenizer.is_file():
-    shutil.copy(tokenizer, written / "tokenizer.model")
+  if (hf_dir / "tokenizer.model").is_file():
+    shutil.copy(hf_dir / "tokenizer.model", written / "tokenizer.model")
+  hf_tokenizer.copy_files(hf_dir, written)
   (written / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
   return str(written)
 
@@ -528,12 +552,14 @@ def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
   """`llm-jax convert --to-hf WORKDIR --out DIR`: the latest parameters as a transformers folder.
 
   Reads parameters and config the way `llm_jax.load` does, but without building a tokenizer:
-  export only copies the tokenizer.model file, which may be a foreign sentencepiece model
-  (e.g. Llama 2's) that llm-jax's tokenizer does not accept. Token ids come from the
-  workdir's hf_config.json when it was imported.
+  export only copies the tokenizer files (a tokenizer.model may be a foreign sentencepiece model,
+  e.g. Llama 2's, that llm-jax's tokenizer does not accept), and a Hugging Face tokenizer's
+  files only when the workdir's tokenizer.json is one (llm-jax's own would not load in
+  transformers). Token ids come from the workdir's hf_config.json when it was imported.
   """
   from llm_jax import checkpoint
   from llm_jax import workdir as workdir_lib
+  from llm_jax.data import hf_tokenizer
   workdir = pathlib.Path(workdir)
   workdir_lib.refuse_run_folder(out_dir, "convert --to-hf")
   params, config = checkpoint.restore_params(workdir)
@@ -544,4 +570,5 @@ def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
   out = save_hf(params, config.model, out_dir, extra_config=extra)
   if (workdir / "tokenizer.model").is_file():
     shutil.copy(workdir / "tokenizer.model", out / "tokenizer.model")
+  hf_tokenizer.copy_files(workdir, out)
   return str(out)

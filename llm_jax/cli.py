@@ -95,12 +95,12 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
   import llm_jax
   prompts = read_prompts(args.prompt, args.prompts_file)
-  if "" in prompts:
+  model = llm_jax.load(args.workdir)
+  if "" in prompts and (args.raw or model.config.data.format == "text"):  # a template gives it text around it
     print("llm-jax: note: an empty prompt is conditioned on the bos token alone, which models trained by llm-jax "
           "never see; give them some text, e.g. a newline", file=sys.stderr)
-  model = llm_jax.load(args.workdir)
   results = model.generate(
-      prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      prompts, raw=args.raw, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
       top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json)
   for result in results:
     print(json.dumps(result) if args.json else result)
@@ -123,7 +123,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
   config_lib.check_export_dtype(args.dtype)
   workdir.refuse_run_folder(args.out, "export")  # before anything is written, and before the heavy imports
   from llm_jax import checkpoint
-  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype))
+  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype, merge_lora=args.merge_lora))
   return 0
 
 
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token ids, log-probs")
+  p.add_argument("--raw", action="store_true",
+                 help="use prompts as they are, not through the run's instruction template (data.format alpaca or chat)")
   p.set_defaults(handler=_cmd_generate)
 
   p = sub.add_parser("convert", help="Hugging Face weights in or out")
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--dtype", default=None, help="cast parameters: float32 or bfloat16 (what llm_jax.load reads)")
+  p.add_argument("--merge-lora", action="store_true", help="a LoRA run: write its base with the adapters merged in")
   p.set_defaults(handler=_cmd_export)
   return parser
 

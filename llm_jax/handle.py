@@ -50,16 +50,25 @@ class Model:
     total = float(np.asarray(log_probs)[np.arange(len(target)), target].sum())
     return total, bool((np.argmax(logits, axis=-1) == target).all())
 
-  def generate(self, prompts: Sequence[str], **kwargs) -> list:
+  def prompt_text(self, text: str) -> str:
+    """`text` as the run's instruction template puts a user turn before its response (data.format alpaca
+    or chat, see `templates.render_prompt`), so the model answers it; other runs take it as it is."""
+    from llm_jax.data import templates
+    template = templates.from_config(self.config.data, self.tokenizer)
+    return text if template is None else templates.render_prompt(template, text)
+
+  def generate(self, prompts: Sequence[str], raw: bool = False, **kwargs) -> list:
     """Texts (or, with return_details=True, dicts with ids and log-probs) for each prompt.
 
-    Keyword arguments: max_new_tokens, temperature, top_k, top_p, num_beams, seed, stop.
+    A run fine-tuned on instructions gets each prompt through its template first (`prompt_text`),
+    unless `raw`. Keyword arguments: max_new_tokens, temperature, top_k, top_p, num_beams, seed, stop.
     """
     from llm_jax import sampling
     if self.tokenizer is None:
       raise checkpoint.CheckpointError("this checkpoint has no tokenizer file beside it; generate from token ids "
                                        "with llm_jax.sampling.generate instead")
-    return sampling.generate_text(self.params, self.config.model, self.tokenizer, list(prompts), **kwargs)
+    prompts = list(prompts) if raw else [self.prompt_text(p) for p in prompts]
+    return sampling.generate_text(self.params, self.config.model, self.tokenizer, prompts, **kwargs)
 
 
 def find_tokenizer(path: pathlib.Path):

@@ -4,10 +4,11 @@ Each batch is a dict of [B, L] arrays (B the global batch size, L = data.seq_len
 
   inputs       int32    token ids
   targets      int32    the next token in the same row (0 after the last position)
-  segment_ids  int32    1, 2, ... for each piece of text in the row (0 would be padding; rows are always full)
+  segment_ids  int32    1, 2, ... for each piece of text (or example) in the row; 0 is padding
   positions    int32    0, 1, ... restarting at the start of every segment
   loss_mask    float32  1 where the target is the next token of the same segment: 0 at the row's end and at
-                        every boundary, so no row ever trains one document to predict another
+                        every boundary, so no row ever trains one document to predict another; for
+                        instruction examples, 1 only where that target is a trained (response) token
 
 How rows are made. Row slot r of the global batch (r < B) is a stream of its own: it reads the
 pieces at positions r, r + B, r + 2B, ... of the ordered piece sequence, tokenizes each, appends
@@ -25,6 +26,15 @@ mesh's sharding), so it reads only its share of the data, and the global array i
 one process would build; grain workers split a process's slots the same way. The iterator state
 is two integers per slot (the piece index and the tokens of it already used), so `set_state`
 resumes exactly, without replaying the past.
+
+Instruction examples (data.format alpaca or chat) go through the same streams, but whole: slot r
+reads examples r, r + B, ... (rendered by the template and tokenized by `examples.encode`, each cut
+to at most L tokens from the prompt side) and puts into a row every example that still fits whole;
+the next one starts the slot's next row, and the rest of the row is padding (segment 0, input
+pad_id, loss_mask 0). So an example never continues into another row, and a slot's state is just
+the number of examples it has consumed (its offset stays 0). Every example is rendered and
+tokenized once before the first batch: a bad record fails at once, and the examples that had to
+be cut are counted exactly (`BatchIterator.truncated`, logged once).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llm_jax import sharding
 from llm_jax.config import DataConfig
-from llm_jax.data import sources
+from llm_jax.data import examples, sources, templates
 from llm_jax.data.sources import DataError, Documents
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -54,6 +64,7 @@ _BATCH_AXES = sharding.RULES["batch"]  # the mesh axes the rows are split over
 _COUNT_CHUNK = 256  # pieces tokenized per call while counting a split's tokens
 
 log = logging.getLogger(__name__)
+_reported_cuts: set[tuple] = set()  # (split, data, seq_len, template) whose truncation count this process logged
 
 
 class _Stream:
@@ -84,9 +95,14 @@ class _RowsIterator(grain.DatasetIterator):
   def _tokenize_ahead(self) -> None:
     """Tokenizes, a batch of pieces per call, until every stream holds a full row."""
     while short := [s for s in self._streams if s.buffered() < self._L]:
-      pieces = [self._docs[s.row + (s.piece + len(s.pending)) * self._B] for s in short]
-      for stream, ids, (_, ends) in zip(short, self._tokenizer.encode_batch([text for text, _ in pieces]), pieces):
-        stream.pending.append(np.append(ids, np.int32(self._tokenizer.eos_id)) if ends else ids)
+      items = [self._docs[s.row + (s.piece + len(s.pending)) * self._B] for s in short]
+      for stream, tokens in zip(short, self._tokenize(items)):
+        stream.pending.append(tokens)
+
+  def _tokenize(self, pieces: list[sources.Piece]) -> list[np.ndarray]:
+    ids = self._tokenizer.encode_batch([text for text, _ in pieces])
+    eos = np.int32(self._tokenizer.eos_id)
+    return [np.append(piece, eos) if ends else piece for piece, (_, ends) in zip(ids, pieces)]
 
   def _take_rows(self) -> tuple[np.ndarray, np.ndarray]:
     inputs_RL = np.empty((len(self._streams), self._L), np.int32)
@@ -119,24 +135,67 @@ class _RowsIterator(grain.DatasetIterator):
       stream.pending.clear()
 
 
+class _ExampleRowsIterator(_RowsIterator):
+  """Rows of whole instruction examples, padded (see the module docstring).
+
+  A stream's pending entries are `examples.Tokens`, each at most L long; the row is complete once
+  the pending ones hold L tokens or more, since then the next one that does not fit is known.
+  """
+
+  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int,
+               template: templates.Template):
+    super().__init__(docs, tokenizer, rows, batch_size, seq_len)
+    self._template = template
+    self._pad_id = pad_id(tokenizer)
+
+  def _tokenize(self, conversations: list[templates.Conversation]) -> list[examples.Tokens]:
+    return examples.encode(conversations, self._template, self._tokenizer, self._L)
+
+  def _take_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    inputs_RL = np.full((len(self._streams), self._L), self._pad_id, np.int32)
+    segments_RL = np.zeros_like(inputs_RL)
+    trained_RL = np.zeros(inputs_RL.shape, bool)
+    for i, stream in enumerate(self._streams):
+      filled, segment = 0, 1
+      while stream.pending and filled + len(stream.pending[0]) <= self._L:
+        tokens = stream.pending.popleft()
+        n = len(tokens)
+        inputs_RL[i, filled:filled + n] = tokens.ids
+        segments_RL[i, filled:filled + n] = segment
+        trained_RL[i, filled:filled + n] = tokens.trained
+        filled, segment, stream.piece = filled + n, segment + 1, stream.piece + 1
+    return inputs_RL, segments_RL, trained_RL
+
+
 class _PackedRows(grain.IterDataset):
   """The rows of slots `rows`; a grain worker narrows them to its share through `set_slice`."""
 
-  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
+  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int,
+               template: templates.Template | None = None):
     super().__init__(docs)
     self._docs, self._tokenizer, self._rows = docs, tokenizer, tuple(rows)
-    self._B, self._L = batch_size, seq_len
+    self._B, self._L, self._template = batch_size, seq_len, template
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     del sequential_slice  # a worker's rows are a strided share either way: the batch is the same
     self._rows = self._rows[sl]
 
   def __iter__(self) -> _RowsIterator:
-    return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+    if self._template is None:
+      return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+    return _ExampleRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L, self._template)
 
 
-def batch_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray) -> dict[str, np.ndarray]:
-  """The batch dict (module docstring) from packed token ids and their segment ids."""
+def pad_id(tokenizer: Tokenizer) -> int:
+  """The input id of padding: the tokenizer's pad, or its eos when it has none (the loss masks either)."""
+  pad = getattr(tokenizer, "pad_id", None)
+  return pad if isinstance(pad, int) and pad >= 0 else tokenizer.eos_id
+
+
+def batch_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray,
+                 trained_BL: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The batch dict (module docstring) from packed token ids and their segment ids; with `trained_BL`
+  (instruction examples), the loss mask keeps only targets that are trained tokens."""
   B, L = inputs_BL.shape
   starts_BL = np.ones((B, L), bool)
   starts_BL[:, 1:] = segments_BL[:, 1:] != segments_BL[:, :-1]
@@ -146,6 +205,8 @@ def batch_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray) -> dict[str, np
   targets_BL[:, :-1] = inputs_BL[:, 1:]
   loss_mask_BL = np.zeros((B, L), np.float32)
   loss_mask_BL[:, :-1] = ~starts_BL[:, 1:] & (segments_BL[:, :-1] != 0)
+  if trained_BL is not None:
+    loss_mask_BL[:, :-1] *= trained_BL[:, 1:]
   return {"inputs": inputs_BL, "targets": targets_BL, "segment_ids": segments_BL,
           "positions": positions_BL.astype(np.int32), "loss_mask": loss_mask_BL}
 
@@ -239,7 +300,8 @@ def _close(open_iterators: list[grain.DatasetIterator]) -> None:
 # What each field of a saved iterator state is called where a user sets it.
 _HEADER_NAMES = {"data": "data.source", "split": "split", "seq_len": "data.seq_len", "batch_size": "train.batch_size",
                  "seed": "train.seed", "vocab_size": "the tokenizer's vocabulary size",
-                 "pieces": "a dataset of this many pieces (data.chunk_chars or the files changed)"}
+                 "pieces": "a dataset of this many pieces (data.chunk_chars or the files changed)",
+                 "format": "data.format", "template": "data.template"}
 
 
 def _allgather_json(value: Any) -> list[Any]:
@@ -262,8 +324,9 @@ class BatchIterator:
   it: a run resumes on another number of processes, devices or workers and sees the same rows.
   """
 
-  def __init__(self, dataset: grain.IterDataset, header: dict[str, Any], rows: Sequence[int]):
+  def __init__(self, dataset: grain.IterDataset, header: dict[str, Any], rows: Sequence[int], truncated: int = 0):
     self._header, self._rows = header, tuple(rows)
+    self.truncated = truncated  # instruction examples of this split cut to fit data.seq_len (examples.fit)
     self._open = [dataset.__iter__()]  # emptied by close()
     # Closes (and frees) the grain iterator at exit at the latest, while the modules its cleanup
     # needs are still loaded: grain's own __del__ fails during interpreter shutdown.
@@ -359,6 +422,33 @@ def _check_size(docs: Documents, tokenizer: Tokenizer, batch_tokens: int, split:
   log.warning("%s; each evaluation batch repeats it", message)
 
 
+def _fit_examples(docs: Documents, template: templates.Template, tokenizer: Tokenizer, seq_len: int,
+                  batch_tokens: int, split: str) -> int:
+  """Renders and tokenizes every example once, so a bad record or template fails before the first
+  batch; checks the split holds a batch of tokens, logs how many examples were cut (once per
+  process and setup) and returns that count."""
+  cuts = collections.Counter()
+  total = 0
+  for start in range(0, len(docs), _COUNT_CHUNK):
+    chunk = [docs[i] for i in range(start, min(start + _COUNT_CHUNK, len(docs)))]
+    for tokens in examples.encode(chunk, template, tokenizer, seq_len):
+      cuts[tokens.cut] += 1
+      total += len(tokens)
+  if total < batch_tokens:
+    message = f"{docs.name} holds {total} tokens, fewer than one batch of {batch_tokens} (batch size x data.seq_len)"
+    if split == "train":
+      raise DataError(f"{message}; lower train.batch_size or data.seq_len, or add data")
+    log.warning("%s; each evaluation batch repeats it", message)
+  cut = cuts["prompt"] + cuts["response"]
+  key = (split, docs.name, seq_len, template)
+  if cut and key not in _reported_cuts:
+    _reported_cuts.add(key)
+    log.warning("%s: %d of %d examples are longer than data.seq_len=%d tokens: %d lost the start of their prompt, "
+                "%d (a response longer than seq_len) kept the prompt's end and the response's start; raise "
+                "data.seq_len to keep more whole", docs.name, cut, len(docs), seq_len, cuts["prompt"], cuts["response"])
+  return cut
+
+
 def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                  mesh: Mesh | None, split: str = "train") -> BatchIterator:
   """Endless packed batches of `split` ("train": shuffled by `seed`, a new order each epoch;
@@ -374,10 +464,18 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
     raise DataError(f"data.prefetch={data.prefetch} and data.worker_count={data.worker_count} must be 0 or more")
   rows = _local_rows(batch_size, mesh)
   docs = sources.load(data, split)
-  _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  try:
+    template = templates.from_config(data, tokenizer)
+  except templates.TemplateError as e:
+    raise DataError(str(e)) from None
+  truncated = 0
+  if template is None:
+    _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  else:
+    truncated = _fit_examples(docs, template, tokenizer, data.seq_len, batch_size * data.seq_len, split)
   ordered = grain.MapDataset.source(docs)
   ordered = ordered.shuffle(seed=seed % 2**32).repeat() if split == "train" else ordered.repeat()
-  dataset = _PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len)
+  dataset = _PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len, template)
   workers = min(data.worker_count, len(rows))
   if workers:
     _parse_absl_flags()
@@ -388,4 +486,6 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
   header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
             "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
-  return BatchIterator(dataset, header, rows)
+  if template is not None:  # text runs keep the header (and so the checkpoints) they always had
+    header.update(format=data.format, template=template.name)
+  return BatchIterator(dataset, header, rows, truncated)

@@ -1,7 +1,8 @@
-"""Documents from `data.source`: TFDS datasets, local text files or JSON lines.
+"""Documents from `data.source`: TFDS datasets, local text files, JSON lines, or instruction records.
 
 `load(data, split)` returns `Documents`, a random-access sequence of pieces `(text, ends_document)`
-that the pipeline shuffles, tokenizes and packs. Sources:
+that the pipeline shuffles, tokenizes and packs; with data.format alpaca or chat, a sequence of
+`templates.Conversation`s instead, one per record. Sources:
 
 - `tfds:NAME[:SPLIT]` (`data.tfds_data_dir`): array_record datasets through `tfds.data_source`,
   with no TensorFlow needed; datasets stored as tfrecord go through tf.data, which needs the
@@ -10,6 +11,11 @@ that the pipeline shuffles, tokenizes and packs. Sources:
 - `text:GLOB`: one document per file, or per block of lines between blank lines
   (`data.text_split`); files are read as strict UTF-8, and a bad byte is reported with its offset.
 - `jsonl:GLOB`: one document per line, the string field `data.text_field`.
+- `json:GLOB` (a JSON array of records per file) or `jsonl:GLOB` (a record per line), with
+  `data.format=alpaca`: records `{"instruction", "input", "output"}` (input may be empty or absent);
+  with `data.format=chat`: records `{"messages": [{"role", "content"}, ...]}`, roles system, user and
+  assistant, any number of turns, at least one assistant turn. A bad record fails with its file,
+  record (json) or line (jsonl) number and the fix; so does a file with no records.
 
 Pieces: a document longer than `data.chunk_chars` characters (default 32 x seq_len) is cut, after
 a newline where one is near, into pieces that are shuffled apart like documents. TFDS
@@ -19,7 +25,7 @@ tiny_shakespeare holds each split as one example of a million characters: withou
 mid-text. Cutting loses only the attention across the cut, which a row boundary loses anyway.
 
 Evaluation (`split="eval"`): `data.eval_source` when set; else the dataset's own validation split
-(TFDS); else `data.eval_fraction` of the pieces, evenly spaced through the data (deterministic and
+(TFDS); else `data.eval_fraction` of the pieces (or records), evenly spaced through the data (deterministic and
 independent of the seed), which the train split then leaves out.
 
 Local sources are read into memory at start; TFDS splits are read lazily by index.
@@ -40,6 +46,8 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax.config import DataConfig
+from llm_jax.data import templates
+from llm_jax.data.templates import Conversation, Message
 from llm_jax.errors import UserError
 
 Piece = tuple[str, bool]  # (text, whether it ends its document)
@@ -57,7 +65,8 @@ class DataError(UserError):
 
 
 class Documents(Sequence[Piece]):
-  """Pieces of documents in a fixed order; `name` says where they came from, for messages."""
+  """Pieces of documents (or, for data.format alpaca and chat, Conversations) in a fixed order; `name`
+  says where they came from, for messages."""
 
   name: str
 
@@ -213,6 +222,75 @@ def _jsonl_documents(pattern: str, field: str) -> list[str]:
   return documents
 
 
+# ----------------------------------------------------------------------------- instruction records
+
+
+def _records(scheme: str, path: pathlib.Path) -> list[tuple[str, object]]:
+  """(where, record) of a json: file (one array; "FILE record N") or a jsonl: file ("FILE line N")."""
+  text = _read_text(path)
+  if scheme == "jsonl":
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        try:
+          records.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path} line {number}: not JSON ({e.msg}); each line must be one JSON object") from None
+  elif not text.strip():
+    records = []
+  else:
+    try:
+      array = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); a json: source is one JSON "
+                      "array of records") from None
+    if not isinstance(array, list):
+      raise DataError(f"{path} holds a JSON {type(array).__name__}, not an array of records; write [{{...}}, ...] or "
+                      "use jsonl: for a record per line")
+    records = [(f"{path} record {number}", record) for number, record in enumerate(array, 1)]
+  if not records:
+    raise DataError(f"{path} holds no records; add some or leave the file out of data.source")
+  return records
+
+
+def _alpaca_example(record: object, where: str) -> Conversation:
+  if not isinstance(record, dict):
+    raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with instruction, input and output")
+  for key in ("instruction", "output"):
+    if not isinstance(record.get(key), str):
+      raise DataError(f"{where} has no {key!r} string (it has {sorted(record)}); every Alpaca record needs "
+                      "instruction and output (input may be empty)")
+  extra = record.get("input")
+  if extra is not None and not isinstance(extra, str):
+    raise DataError(f"{where}: 'input' is a {type(extra).__name__}, not a string; make it text or \"\"")
+  return Conversation((Message("user", record["instruction"], extra or ""), Message("assistant", record["output"])),
+                      where)
+
+
+def _chat_example(record: object, where: str) -> Conversation:
+  messages = record.get("messages") if isinstance(record, dict) else None
+  if not isinstance(messages, list) or not messages:
+    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{where} has no 'messages' list (found {found}); a chat record is "
+                    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}')
+  out = []
+  for k, message in enumerate(messages, 1):
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in templates.ROLES:
+      raise DataError(f"{where}: message {k} has role {role!r}; use one of {', '.join(templates.ROLES)}")
+    if not isinstance(message.get("content"), str):
+      raise DataError(f"{where}: message {k} ({role}) has no 'content' string; give every message its text")
+    out.append(Message(role, message["content"]))
+  if not any(m.role == "assistant" for m in out):
+    raise DataError(f"{where} has no assistant message, so nothing to train on; add the response or drop the record")
+  return Conversation(tuple(out), where)
+
+
+def _instruction_examples(scheme: str, pattern: str, data_format: str) -> list[Conversation]:
+  make = _alpaca_example if data_format == "alpaca" else _chat_example
+  return [make(record, where) for path in _files(scheme, pattern) for where, record in _records(scheme, path)]
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 
@@ -357,13 +435,23 @@ def _tiny_shakespeare_builder(source_file: str | None, data_dir: str, file_forma
 
 def _parse(spec: str) -> tuple[str, str]:
   scheme, sep, rest = spec.partition(":")
-  if not sep or scheme not in ("tfds", "text", "jsonl") or not rest:
-    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB")
+  if not sep or scheme not in ("tfds", "text", "jsonl", "json") or not rest:
+    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB (or json:GLOB, "
+                    "with data.format=alpaca or chat)")
   return scheme, rest
 
 
 def _open(spec: str, data: DataConfig, default_split: str) -> Documents:
   scheme, rest = _parse(spec)
+  if data.format not in ("text", "alpaca", "chat"):
+    raise DataError(f"data.format={data.format!r}: expected text, alpaca or chat")
+  if data.format != "text":
+    if scheme not in ("json", "jsonl"):
+      raise DataError(f"data.format={data.format} reads records from json:GLOB or jsonl:GLOB, not {spec!r}; point "
+                      "the source at the record files or set data.format=text")
+    return _Pieces(spec, _instruction_examples(scheme, rest, data.format))
+  if scheme == "json":
+    raise DataError(f"data source {spec!r} holds instruction records: set data.format=alpaca or data.format=chat")
   if scheme == "tfds":
     match = _TFDS_SPEC.match(rest)
     if not match:

@@ -233,3 +233,42 @@ def test_template_errors_in_the_pipeline_name_the_record(tmp_path):
                                "chat.jsonl line 7")
   with pytest.raises(DataError, match=r"^chat.jsonl line 7: the chat template of llama2.json refused the conversation"):
     examples.encode([bad], template, BYTES, seq_len=64)
+
+
+def test_hugging_face_tokenizer_with_its_own_template_gives_transformers_ids(tmp_path):
+  """data.template=tokenizer with a tokenizer.json folder: the example's ids are the ids transformers'
+  apply_chat_template(tokenize=True) gives, and the trained ones are each answer and its <|im_end|>\\n."""
+  folder = tmp_path / "qwen_like"
+  folder.mkdir()
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([content for conv in CONVERSATIONS.values() for _, content in conv] * 3, trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_LIKE,
+       "tokenizer_class": "PreTrainedTokenizerFast"}))
+  ours = tokenizer.load_tokenizer(str(folder))
+  reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+  template = templates.from_config(DataConfig(format="chat", template="tokenizer"), ours)
+  end_id = reference.convert_tokens_to_ids("<|im_end|>")
+  for name in CONVERSATIONS:
+    conv = messages(name)
+    (tokens,) = examples.encode([templates.Conversation(tuple(conv), name)], template, ours, seq_len=4096)
+    want = reference.apply_chat_template(as_dicts(conv), tokenize=True, return_dict=True)["input_ids"]
+    assert tokens.ids.tolist() == list(want)
+    answers = [m.content for m in conv if m.role == "assistant"]
+    spans = np.split(np.flatnonzero(tokens.trained), np.flatnonzero(np.diff(np.flatnonzero(tokens.trained)) > 1) + 1)
+    assert [reference.decode(tokens.ids[s]) for s in spans] == [a + "<|im_end|>\n" for a in answers]
+    assert [int(tokens.ids[s][-2]) for s in spans] == [end_id] * len(answers) == [ours.eos_id] * len(answers)
+  # A template that prints bos_token needs its text, which a tokenizer object does not name: data.chat_template does.
+  (folder / "chat_template.jinja").write_text(LLAMA3)
+  (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+  llama = tokenizer.load_tokenizer(str(folder))
+  with pytest.raises(TemplateError, match=r"prints bos_token, whose text this tokenizer does not name; set "
+                                          r"data.chat_template to its tokenizer_config.json"):
+    templates.from_config(DataConfig(format="chat", template="tokenizer"), llama)
+  named = templates.from_config(DataConfig(format="chat", template="tokenizer", chat_template=str(folder)), llama)
+  assert named.render(messages("one_turn"), False).startswith("<|im_start|><|start_header_id|>user")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -34,6 +35,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from llm_jax import checksums
 from llm_jax import config as config_lib
+from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model import transformer
 
@@ -334,14 +336,22 @@ def _read_json(path: pathlib.Path) -> Any:
   return json.loads(path.read_text())
 
 
+def base_checksum(path: str | pathlib.Path) -> str:
+  """What identifies a checkpoint's parameters bit for bit: the hash of its checksums.json."""
+  params_dir, _ = find_params(path)
+  return hashlib.sha256((params_dir.parent / checksums.MANIFEST).read_bytes()).hexdigest()
+
+
 def restore_params(path: str | pathlib.Path, model: config_lib.ModelConfig | None = None,
                    shardings: Any = None) -> tuple[Any, config_lib.Config]:
   """Parameters only (no optimizer state), in `model`'s layout, placed by `shardings`.
 
   Without `model` the saved architecture is used; without `shardings` the parameters land on
-  the default device.
+  the default device. A LoRA run's checkpoint comes back as its base with the adapters merged in.
   """
   params_dir, saved = find_params(path)
+  if saved.finetune.lora_rank:
+    return _restore_lora(params_dir, saved, model or saved.model, shardings)
   model = model or saved.model
   check_same_architecture(saved.model, model, str(params_dir.parent))
   saved_model = dataclasses.replace(model, scan_layers=saved.model.scan_layers)
@@ -359,15 +369,45 @@ def restore_params(path: str | pathlib.Path, model: config_lib.ModelConfig | Non
   return params, dataclasses.replace(saved, model=model)
 
 
-def export_params(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str | None = None) -> pathlib.Path:
-  """`llm-jax export`: the latest parameters (optionally cast) as a parameters-only checkpoint."""
+def _restore_lora(params_dir: pathlib.Path, saved: config_lib.Config, model: config_lib.ModelConfig,
+                  shardings: Any) -> tuple[Any, config_lib.Config]:
+  """The base (`train.init_from`, the very one the adapters were trained on) with the adapters merged in."""
+  from llm_jax.model import lora
+  base_path = saved.train.init_from
+  if base_checksum(base_path) != saved.finetune.base_checksum:
+    raise CheckpointError(f"the LoRA adapters in {params_dir.parent} were trained on another base than the one now "
+                          f"at {base_path}; put that base back, or train the adapters again on this one")
+  layout = dataclasses.replace(model, scan_layers=saved.model.scan_layers)
+  base, _ = restore_params(base_path, layout)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(lambda: lora.init(base, layout, saved.finetune, jax.random.key(0)))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  with ocp.StandardCheckpointer() as checkpointer, _read_failures_reported(params_dir.parent):
+    adapters = checkpointer.restore(params_dir, abstract)
+  params = _in_layout(lora.merge(base, adapters, saved.finetune), model.scan_layers)
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  plain = config_lib.replace(saved, model=model, finetune=config_lib.FinetuneConfig(), train={"init_from": ""})
+  return params, plain
+
+
+def export_params(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str | None = None,
+                  merge_lora: bool = False) -> pathlib.Path:
+  """`llm-jax export`: the latest parameters (optionally cast) as a parameters-only checkpoint.
+
+  A LoRA run exports only with `merge_lora`: its base with the adapters merged in, plain weights.
+  """
+  saved = find_params(workdir)[1]
+  if saved.finetune.lora_rank and not merge_lora:
+    raise CheckpointError(f"{workdir} is a LoRA run (adapters on {saved.train.init_from}); pass --merge-lora to "
+                          "export the base with the adapters merged in")
   params, config = restore_params(workdir)
   if dtype:
     params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
     config = config_lib.replace(config, model={"param_dtype": dtype})
   out = save_params(out, params, config)
-  for name in ("tokenizer.model", "tokenizer.json"):
-    source = pathlib.Path(workdir) / name
-    if source.is_file():
-      shutil.copy(source, out / name)
+  folder = tokenizer_folder(workdir)
+  for name in ("tokenizer.model", *hf_tokenizer.FILES) if folder else ():
+    if (folder / name).is_file():
+      shutil.copy(folder / name, out / name)
   return out

@@ -155,6 +155,17 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """LoRA: train low-rank adapters on a frozen base (train.init_from); lora_rank 0 trains every parameter."""
+
+  lora_rank: int = 0
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0  # dropout on each adapter's input
+  lora_targets: str = "q,v"  # comma-separated, of q, k, v, o, gate, up, down, head
+  base_checksum: str = ""  # set by the trainer: which base the adapters belong to (its checksums.json's hash)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
@@ -162,6 +173,7 @@ class Config:
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   sample: SampleConfig = SampleConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
 
 _CHOICES = {
@@ -379,6 +391,9 @@ _RANGES: dict[str, tuple[float, float, str, str]] = {
     "train.z_loss": (0, _FINITE, "[)", ""),
     "train.max_skipped_steps": (1, _FINITE, "[)", "skipped updates in a row before the run stops"),
     "train.spike_factor": (0, _FINITE, "[)", "0 turns the spike guard off; above 1 to skip only spikes"),
+    "finetune.lora_rank": (0, _FINITE, "[)", "0 trains every parameter"),
+    "finetune.lora_alpha": (0, _FINITE, "()", ""),
+    "finetune.lora_dropout": (0, 1, "[)", ""),
 }
 
 
@@ -407,6 +422,9 @@ def validate_ranges(config: Config) -> None:
       note = f" ({meaning})" if meaning else ""
       raise ConfigError(f"{key}={value!r}: expected {_range_text(low, high, bounds)}{note}")
   train, data = config.train, config.data
+  if config.finetune.lora_rank and not train.init_from:
+    raise ConfigError("finetune.lora_rank is set but train.init_from is empty: LoRA adapts a trained base; set "
+                      "train.init_from=WORKDIR_OR_EXPORT (or finetune.lora_rank=0 to train every parameter)")
   if 0 < train.spike_factor <= 1:
     raise ConfigError(f"train.spike_factor={train.spike_factor!r}: a factor of 1 or less skips ordinary steps; "
                       "use e.g. 3.0, or 0 to turn the spike guard off")

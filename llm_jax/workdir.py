@@ -30,7 +30,8 @@ from llm_jax.errors import UserError
 
 # Everything a run, or an export or conversion into the same folder, writes there.
 RUN_FILES = ("checkpoints", "damaged_checkpoints", "config.json", "metrics.jsonl", "tensorboard", "tokenizer.model",
-             "tokenizer.json", "hf_config.json", "params", "eval", "profile", "curves.png")
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "hf_config.json", "params", "checksums.json", "eval", "profile", "curves.png")
 LOCK_NAME = ".lock"
 _WRITE_GRACE_S = 10.0  # a lock file still empty after this long was left by a crash between create and write
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config import ModelConfig
-from llm_jax.model import layers
+from llm_jax.model import layers, lora
 from llm_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -159,7 +159,10 @@ def is_scanned(params: Params) -> bool:
 
 
 def _dense(x: jax.Array, p: Params, spec: str, dtype) -> jax.Array:
+  """x times a projection's kernel (+ bias); the one place a weight multiplies, where a LoRA adapter adds in."""
   y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
+  if "lora_a" in p:
+    y = y + lora.delta(x, p, spec, dtype)
   return y + layers.lead(p["bias"].astype(dtype), y) if "bias" in p else y
 
 
@@ -242,6 +245,8 @@ def unembed(params: Params, cfg: ModelConfig, x_BLD: jax.Array) -> jax.Array:
   else:
     w_DV = params["lm_head"]["kernel"].astype(h_BLD.dtype)
     logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
+    if "lora_a" in params["lm_head"]:
+      logits_BLV = logits_BLV + lora.delta(h_BLD, params["lm_head"], "bld,dv->blv", h_BLD.dtype).astype(jnp.float32)
   return constrain(logits_BLV, ("batch", "length", "vocab"))
 
 

@@ -23,6 +23,7 @@ from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.model import lora as lora_lib
 from llm_jax.model import stats
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optim
@@ -93,13 +94,13 @@ def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool)
   return tok
 
 
-def evaluate(eval_step, params, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
   """Loss over `train.eval_batches` batches of the validation split, the same batches every time."""
   totals = None
   with pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
                              mesh=mesh, split="eval") as batches:
     for _, batch in zip(range(config.train.eval_batches), batches):
-      sums = eval_step(params, batch)
+      sums = eval_step(params, frozen, batch)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   loss = float(totals["loss"] / max(totals["count"], 1.0))
@@ -130,7 +131,7 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
   total = config.train.steps
   optimizer = optim.make_optimizer(config.optim, total)
   lr_schedule = optim.schedule(config.optim, total)
-  shardings = state_lib.shardings(config.model, optimizer, mesh)
+  shardings = state_lib.shardings(config.model, optimizer, mesh, config.finetune)
   stop = _Stop(agree_every=config.train.log_every)
   previous_handlers = stop.install()  # from here on a SIGTERM (restore, compile, ...) stops after a step and saves
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -145,16 +146,21 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
     batches = pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size,
                                     seed=config.train.seed, mesh=mesh, split="train")
     loop_state = {"best_eval": None, "evals_without_gain": 0}
+    lora = bool(config.finetune.lora_rank)
     if start is not None:
       state, data_state, loop_state = _restore(ckpt, start, config, optimizer, mesh)
       batches.set_state(data_state)
       _say(f"llm-jax: resuming from step {start} in {ckpt.directory}")
     else:
-      state = state_lib.create(config.model, optimizer, mesh, config.train.seed)
-      if config.train.init_from:
-        params, _ = checkpoint.restore_params(config.train.init_from, config.model, shardings.params)
-        state = state._replace(params=params)
-        _say(f"llm-jax: starting from the parameters of {config.train.init_from}")
+      state = state_lib.create(config.model, optimizer, mesh, config.train.seed, config.finetune)
+    if config.train.init_from and (start is None or lora):  # a LoRA base is never checkpointed: load it again
+      params, _ = checkpoint.restore_params(config.train.init_from, config.model,
+                                            shardings.frozen if lora else shardings.params)
+      state = state._replace(frozen=params) if lora else state._replace(params=params)
+      if start is None:
+        _say(f"llm-jax: starting from the parameters of {config.train.init_from}" +
+             (f"; training LoRA adapters ({config.finetune.lora_targets}, rank {config.finetune.lora_rank})" if lora
+              else ""))
     if jax.process_index() == 0:
       (workdir / "config.json").write_text(config_lib.to_json(config))
       tokenizer.save(workdir)
@@ -182,14 +188,18 @@ def with_base(config: config_lib.Config) -> config_lib.Config:
 
   The config's model section then sets only run-time fields (checkpoint.RUNTIME_FIELDS: dtype,
   remat, dropout, ...), and data.tokenizer becomes the folder of the tokenizer saved beside the
-  base (its own recorded spec where none is). A resume derives the same, so it compares equal.
+  base (where none is, the config's own stands). A resume derives the same, so it compares equal.
   """
   if not config.train.init_from:
     return config
   params_dir, saved = checkpoint.find_params(config.train.init_from)
   model = dataclasses.replace(saved.model, **{f: getattr(config.model, f) for f in checkpoint.RUNTIME_FIELDS})
   folder = checkpoint.tokenizer_folder(params_dir.parent)
-  return config_lib.replace(config, model=model, data={"tokenizer": str(folder) if folder else saved.data.tokenizer})
+  config = config_lib.replace(config, model=model, data={"tokenizer": str(folder) if folder else config.data.tokenizer})
+  if config.finetune.lora_rank:
+    lora_lib.targets(config.finetune, model)  # a target the architecture lacks fails here, before compiling
+    config = config_lib.replace(config, finetune={"base_checksum": checkpoint.base_checksum(config.train.init_from)})
+  return config
 
 
 def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start: int, workdir: pathlib.Path) -> None:
@@ -197,6 +207,12 @@ def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start:
   if start >= config.train.steps:
     raise RunStopped(f"{workdir} is already at step {start}, and train.steps={config.train.steps}: nothing to "
                      "train; raise train.steps to continue the run, or use another --workdir")
+  if saved.finetune.base_checksum != config.finetune.base_checksum:
+    raise RunStopped(f"{workdir} trained LoRA adapters on another base than the one now at train.init_from="
+                     f"{config.train.init_from!r}; resume with that base, or use another --workdir")
+  if saved.finetune.lora_rank and saved.model.scan_layers != config.model.scan_layers:
+    raise RunStopped(f"{workdir} saved its LoRA adapters with model.scan_layers={saved.model.scan_layers}; resume "
+                     "with the same value")
   if saved.data.tokenizer != config.data.tokenizer:
     raise RunStopped(f"{workdir} was trained with data.tokenizer={saved.data.tokenizer!r} but this run has "
                      f"data.tokenizer={config.data.tokenizer!r}; resume with the saved tokenizer or use another "
@@ -223,10 +239,10 @@ def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loo
     record_eval = {}
     if eval_now:
       record = _log(rate.record(step, step_metrics), reporter, train_cfg, write=False)
-      record_eval = evaluate(eval_step, state.params, config, tokenizer, mesh)
+      record_eval = evaluate(eval_step, state.params, state.frozen, config, tokenizer, mesh)
       last = {**record, **record_eval}
       reporter.write(last)
-      _print_sample(reporter, state.params, config, tokenizer)
+      _print_sample(reporter, state, config, tokenizer)
       rate.restart(step)  # evaluation time is not training throughput
       _track_best(loop_state, record_eval["eval_loss"])
     elif step % train_cfg.log_every == 0 or is_last:
@@ -248,7 +264,7 @@ def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loo
     reporter.message(f"llm-jax: stopped at step {int(jax.device_get(state.step))}; checkpoint saved in "
                      f"{ckpt.directory}. Run the same command to resume.")
   elif not train_cfg.eval_every:
-    _print_sample(reporter, state.params, config, tokenizer)
+    _print_sample(reporter, state, config, tokenizer)
   return last
 
 
@@ -278,12 +294,12 @@ def _train_item(state: state_lib.TrainState) -> dict[str, Any]:
 
 def _restore(ckpt: checkpoint.Checkpointer, step: int, config: config_lib.Config, optimizer, mesh):
   def targets(model):
-    target = state_lib.abstract(model, optimizer, mesh)
+    target = state_lib.abstract(model, optimizer, mesh, config.finetune)
     return target.params, _train_item(target)
 
   params, train_item, data_state, loop_state = ckpt.restore(step, targets, config.model)
   state = state_lib.TrainState(train_item["step"], params, train_item["opt_state"], train_item["rng"],
-                               train_item["guard"])
+                               train_item["guard"])  # a LoRA base (frozen) is loaded by the caller
   return state, data_state, loop_state
 
 
@@ -312,7 +328,7 @@ class _Rate:
     }
 
 
-def _print_sample(reporter, params, config: config_lib.Config, tokenizer) -> None:
+def _print_sample(reporter, state: state_lib.TrainState, config: config_lib.Config, tokenizer) -> None:
   """One generated sample at each evaluation, so a run shows what its model writes.
 
   The sample is cut to fit the model's context: a short-context model still trains.
@@ -321,6 +337,7 @@ def _print_sample(reporter, params, config: config_lib.Config, tokenizer) -> Non
   room = config.model.max_len - max(len(tokenizer.encode(s.prompt)), 1)
   if room <= 0:
     return
+  params = lora_lib.merge(state.frozen, state.params, config.finetune) if state.frozen else state.params
   text = sampling.generate_text(params, config.model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]
   reporter.message(f"--- sample ---\n{s.prompt}{text}\n--------------")

@@ -18,7 +18,8 @@ import optax
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.config import Config, TrainConfig
+from llm_jax.config import Config, FinetuneConfig, TrainConfig
+from llm_jax.model import lora
 from llm_jax.train import losses
 from llm_jax.train.state import TrainState
 
@@ -35,12 +36,26 @@ def _microbatches(batch: Batch, n: int) -> Batch:
   return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, train: TrainConfig,
+ToModel = Callable[[Any, Any, jax.Array | None], Any]  # (frozen, trained, rng) -> the parameters the model runs on
+
+
+def to_model(finetune: FinetuneConfig) -> ToModel:
+  """How the trained parameters become the model's: themselves, or LoRA adapters attached to the frozen base."""
+  if not finetune.lora_rank:
+    return lambda frozen, params, rng: params
+  return lambda frozen, params, rng: lora.attach(frozen, params, finetune, None if rng is None else
+                                                 jax.random.fold_in(rng, 1))
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, model_params: ToModel, train: TrainConfig,
                optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the summed gradients of `loss_fn`, divided by the global batch's count."""
+  """One optimizer step on the summed gradients of `loss_fn`, divided by the global batch's count.
+
+  Only `state.params` are differentiated and updated; `state.frozen` (a LoRA base) goes in as is.
+  """
   rng, step_rng = jax.random.split(state.rng)
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  grad_fn = jax.grad(lambda p, b, r: loss_fn(model_params(state.frozen, p, r), b, r), has_aux=True)
   n = train.microbatches
 
   if n == 1:
@@ -69,7 +84,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, train
       "skipped_steps": guard["skipped"],
       "consecutive_skips": guard["consecutive"],
   }
-  return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), rng, guard), metrics
+  return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), rng, guard,
+                    state.frozen), metrics
 
 
 def guard_update(guard: dict[str, jax.Array], loss: jax.Array, finite: jax.Array,
@@ -95,9 +111,10 @@ def guard_update(guard: dict[str, jax.Array], loss: jax.Array, finite: jax.Array
   }
 
 
-def eval_step(params: Any, batch: Batch, *, loss_fn: losses.LossFn) -> dict[str, jax.Array]:
+def eval_step(params: Any, frozen: Any, batch: Batch, *, loss_fn: losses.LossFn,
+              model_params: ToModel) -> dict[str, jax.Array]:
   """The loss's sums over one batch (no dropout); the caller divides after summing batches."""
-  return loss_fn(params, batch, None)[1]
+  return loss_fn(model_params(frozen, params, None), batch, None)[1]
 
 
 def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -109,14 +126,17 @@ def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_sc
   mesh so activation constraints in the model apply.
   """
   loss_fn = loss_fn or losses.for_config(config)
+  model_params = to_model(config.finetune)
   batch_shardings = sharding.batch_sharding(mesh)  # one sharding for every array of the batch, whatever its keys
   replicated = sharding.replicated(mesh)
   train = jax.jit(
-      functools.partial(train_step, loss_fn=loss_fn, train=config.train, optimizer=optimizer, lr_schedule=lr_schedule),
+      functools.partial(train_step, loss_fn=loss_fn, model_params=model_params, train=config.train,
+                        optimizer=optimizer, lr_schedule=lr_schedule),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
-                     in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+  evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn, model_params=model_params),
+                     in_shardings=(state_shardings.params, state_shardings.frozen, batch_shardings),
+                     out_shardings=replicated)
 
   def with_mesh(fn):
     @functools.wraps(fn)

@@ -63,22 +63,7 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
   batches = [jax.device_put(random_batch(rng, batch_size, seq_len, config.model.vocab_size),
                             sharding.batch_sharding(mesh)) for _ in range(4)]
 
-  start = time.perf_counter()
-  state, out = train_step(state, batches[0])
-  jax.block_until_ready(out)
-  compile_s = time.perf_counter() - start
-  state, out = train_step(state, batches[1])
-  jax.block_until_ready(out)
-
-  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, out = train_step(state, batches[i % len(batches)])
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
-  step_time = statistics.median(times)
+  compile_s, step_time, faults_per_step, out = time_steps(train_step, state, batches, steps)
   tokens_per_sec = batch_size * seq_len / step_time
   flops = stats.flops_per_token(config.model, seq_len)
   return {
@@ -91,6 +76,25 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "page_faults_per_step": round(faults_per_step), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
+
+
+def time_steps(train_step, state, batches: list, steps: int) -> tuple[float, float, float, dict]:
+  """(compile s, median step s over `steps` after two warm-up steps, page faults a step, last metrics)."""
+  start = time.perf_counter()
+  state, out = train_step(state, batches[0])
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - start
+  state, out = train_step(state, batches[1])
+  jax.block_until_ready(out)
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, out = train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+  return compile_s, statistics.median(times), faults_per_step, out
 
 
 def main() -> None:

@@ -63,6 +63,7 @@ class ModelConfig:
   embed_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
+  num_classes: int = 0  # >= 2: a classifier [d_model, num_classes] on each example's last token (classification)
 
   @property
   def dim_per_head(self) -> int:
@@ -107,6 +108,7 @@ class DataConfig:
 
   source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB or json:GLOB (data.format)
   eval_source: str = ""  # "" = the dataset's validation split, or a held-out fraction of files
+  test_source: str = ""  # classification: a tsv: file evaluated once, whole, at the end of the run (test_accuracy)
   eval_fraction: float = 0.1  # local files: share of documents held out for evaluation
   tfds_data_dir: str = ""  # "" = TFDS default (~/tensorflow_datasets)
   tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
@@ -116,7 +118,8 @@ class DataConfig:
   chunk_chars: int = 0  # longer documents are cut at line breaks into pieces shuffled apart; 0 = 32 x seq_len
   worker_count: int = 0  # grain worker processes; 0 reads in the main process
   prefetch: int = 2  # batches prepared ahead of the step
-  format: str = "text"  # "text" (documents), "alpaca" (instruction/input/output records) or "chat" (messages records)
+  format: str = "text"  # "text" (documents), "alpaca" (instruction/input/output records), "chat" (messages records)
+  #                        or "classification" (tsv: rows of sentence<TAB>label, labels 0..model.num_classes-1)
   template: str = "alpaca"  # alpaca/chat: the prompt template, "alpaca", "chatml" or "tokenizer" (its HF chat template)
   chat_template: str = ""  # template=tokenizer: "" = the tokenizer's own; or a tokenizer_config.json, .jinja or folder
 
@@ -188,7 +191,7 @@ _CHOICES = {
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.text_split": ("file", "blank_line"),
-    "data.format": ("text", "alpaca", "chat"),
+    "data.format": ("text", "alpaca", "chat", "classification"),
     "data.template": ("alpaca", "chatml", "tokenizer"),
 }
 
@@ -431,7 +434,17 @@ def validate_ranges(config: Config) -> None:
   if train.eval_every and train.eval_batches <= 0:
     raise ConfigError(f"train.eval_batches={train.eval_batches}: expected a positive count while evaluation is on "
                       "(or set train.eval_every=0 to turn it off)")
-  local = data.source.startswith(("text:", "jsonl:"))
+  classes = config.model.num_classes
+  if classes < 0 or classes == 1 or (data.format == "classification") != (classes > 0):
+    raise ConfigError(f"data.format={data.format} with model.num_classes={classes}: a classifier needs both "
+                      "data.format=classification and model.num_classes >= 2 (the labels' count); set them together")
+  if classes and config.finetune.lora_rank:
+    raise ConfigError("finetune.lora_rank with model.num_classes > 0: the new classifier would stay frozen at its "
+                      "random init; fine-tune every parameter (finetune.lora_rank=0)")
+  if data.test_source and data.format != "classification":
+    raise ConfigError(f"data.test_source={data.test_source!r} is evaluated for accuracy, which needs "
+                      "data.format=classification; set it, or clear data.test_source")
+  local = data.source.startswith(("text:", "jsonl:", "tsv:"))
   if train.eval_every and local and not data.eval_source and not 0 < data.eval_fraction < 1:
     raise ConfigError(f"data.eval_fraction={data.eval_fraction!r}: evaluation holds out that share of {data.source}, "
                       "so it must lie strictly between 0 and 1; set e.g. 0.1, set data.eval_source, or set "

@@ -35,12 +35,21 @@ pad_id, loss_mask 0). So an example never continues into another row, and a slot
 the number of examples it has consumed (its offset stays 0). Every example is rendered and
 tokenized once before the first batch: a bad record fails at once, and the examples that had to
 be cut are counted exactly (`BatchIterator.truncated`, logged once).
+
+Classification (data.format=classification, `sources.Sentence`s) packs the same way: an example is
+the sentence's tokens + eos (cut to its last L tokens when longer), and the batch gains
+
+  labels       int32    the example's class at its last token (the eos), -1 everywhere else
+
+with loss_mask all 0 (no token is predicted). `one_pass` reads a split once, each example exactly
+once, for a test set's accuracy.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -167,11 +176,75 @@ class _ExampleRowsIterator(_RowsIterator):
     return inputs_RL, segments_RL, trained_RL
 
 
+@dataclasses.dataclass(frozen=True)
+class _Labelled:
+  """One classification example's tokens (eos last) and its class."""
+
+  ids: np.ndarray  # int32 [N]
+  label: int
+  cut: bool = False  # it was longer than seq_len and lost its start
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def encode_sentences(sentences: Sequence[sources.Sentence], tokenizer: Tokenizer, seq_len: int) -> list[_Labelled]:
+  """Each sentence's tokens + eos, keeping the last seq_len (the eos and the label stay); one tokenizer call."""
+  eos = np.int32(tokenizer.eos_id)
+  out = []
+  for ids, sentence in zip(tokenizer.encode_batch([s.text for s in sentences]), sentences):
+    ids = np.append(np.asarray(ids, np.int32), eos)
+    out.append(_Labelled(ids[-seq_len:], sentence.label, len(ids) > seq_len))
+  return out
+
+
+def _fill_row(pending: collections.deque, inputs_L: np.ndarray, segments_L: np.ndarray, labels_L: np.ndarray) -> int:
+  """Moves every example at the head of `pending` that still fits whole into the (padded) row; returns how many."""
+  filled, taken = 0, 0
+  while pending and filled + len(pending[0]) <= len(inputs_L):
+    example = pending.popleft()
+    n = len(example)
+    inputs_L[filled:filled + n] = example.ids
+    segments_L[filled:filled + n] = taken + 1
+    labels_L[filled + n - 1] = example.label
+    filled, taken = filled + n, taken + 1
+  return taken
+
+
+def classification_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray,
+                          labels_BL: np.ndarray) -> dict[str, np.ndarray]:
+  """The batch dict of packed classification rows: `batch_fields` with loss_mask 0 and `labels`."""
+  fields = batch_fields(inputs_BL, segments_BL)
+  fields["loss_mask"] = np.zeros_like(fields["loss_mask"])
+  fields["labels"] = labels_BL
+  return fields
+
+
+class _SentenceRowsIterator(_RowsIterator):
+  """Rows of whole classification examples, padded; a slot's state is the examples it consumed."""
+
+  def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
+    super().__init__(docs, tokenizer, rows, batch_size, seq_len)
+    self._pad_id = pad_id(tokenizer)
+
+  def _tokenize(self, sentences: list[sources.Sentence]) -> list[_Labelled]:
+    return encode_sentences(sentences, self._tokenizer, self._L)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._tokenize_ahead()
+    inputs_RL = np.full((len(self._streams), self._L), self._pad_id, np.int32)
+    segments_RL = np.zeros_like(inputs_RL)
+    labels_RL = np.full_like(inputs_RL, -1)
+    for i, stream in enumerate(self._streams):
+      stream.piece += _fill_row(stream.pending, inputs_RL[i], segments_RL[i], labels_RL[i])
+    return classification_fields(inputs_RL, segments_RL, labels_RL)
+
+
 class _PackedRows(grain.IterDataset):
   """The rows of slots `rows`; a grain worker narrows them to its share through `set_slice`."""
 
   def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int,
-               template: templates.Template | None = None):
+               template: templates.Template | str | None = None):
     super().__init__(docs)
     self._docs, self._tokenizer, self._rows = docs, tokenizer, tuple(rows)
     self._B, self._L, self._template = batch_size, seq_len, template
@@ -183,6 +256,8 @@ class _PackedRows(grain.IterDataset):
   def __iter__(self) -> _RowsIterator:
     if self._template is None:
       return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+    if self._template == "classification":
+      return _SentenceRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
     return _ExampleRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L, self._template)
 
 
@@ -449,10 +524,55 @@ def _fit_examples(docs: Documents, template: templates.Template, tokenizer: Toke
   return cut
 
 
+def _fit_sentences(docs: Documents, tokenizer: Tokenizer, seq_len: int, batch_tokens: int, split: str) -> int:
+  """Tokenizes every classification example once: checks the split holds a batch of tokens, logs how
+  many were cut (once per process and setup) and returns that count."""
+  encoded = [example for start in range(0, len(docs), _COUNT_CHUNK)
+             for example in encode_sentences([docs[i] for i in range(start, min(start + _COUNT_CHUNK, len(docs)))],
+                                             tokenizer, seq_len)]
+  total, cut = sum(map(len, encoded)), sum(example.cut for example in encoded)
+  if total < batch_tokens and split == "train":
+    raise DataError(f"{docs.name} holds {total} tokens, fewer than one batch of {batch_tokens} (batch size x "
+                    "data.seq_len); lower train.batch_size or data.seq_len, or add data")
+  key = (split, docs.name, seq_len, "classification")
+  if cut and key not in _reported_cuts:
+    _reported_cuts.add(key)
+    log.warning("%s: %d of %d examples are longer than data.seq_len=%d tokens and lost their start; raise "
+                "data.seq_len to keep them whole", docs.name, cut, len(docs), seq_len)
+  return cut
+
+
+def one_pass(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, mesh: Mesh | None, split: str = "test",
+             num_classes: int = 0) -> Iterator[Batch]:
+  """Every classification example of `split` exactly once, then stop: slot r packs examples r, r + B, ...
+  as `make_batches` does; batches go on until the longest slot is done (emptied slots are padding).
+
+  Every process tokenizes the whole split (a test set is small), so all of them agree on the number
+  of batches, and each builds only its own rows.
+  """
+  if data.format != "classification":
+    raise DataError(f"one_pass reads classification examples; data.format is {data.format!r}")
+  rows = _local_rows(batch_size, mesh)
+  docs = sources.load(data, split, num_classes)
+  encoded = encode_sentences([docs[i] for i in range(len(docs))], tokenizer, data.seq_len)
+  slots = {r: collections.deque(encoded[r::batch_size]) for r in range(batch_size)}
+  pad = pad_id(tokenizer)
+  to_global = functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size) if mesh is not None else None
+  while any(slots.values()):
+    inputs_RL = np.full((batch_size, data.seq_len), pad, np.int32)
+    segments_RL = np.zeros_like(inputs_RL)
+    labels_RL = np.full_like(inputs_RL, -1)
+    for r, pending in slots.items():
+      _fill_row(pending, inputs_RL[r], segments_RL[r], labels_RL[r])
+    fields = {k: v[rows] for k, v in classification_fields(inputs_RL, segments_RL, labels_RL).items()}
+    yield to_global(fields) if to_global else fields
+
+
 def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, seed: int,
-                 mesh: Mesh | None, split: str = "train") -> BatchIterator:
+                 mesh: Mesh | None, split: str = "train", num_classes: int = 0) -> BatchIterator:
   """Endless packed batches of `split` ("train": shuffled by `seed`, a new order each epoch;
   "eval": the validation data in order, cycled, the same batches from every fresh call).
+  `num_classes` > 0 bounds the labels of classification examples.
 
   `batch_size` is global. With a mesh, every array is a global `jax.Array` sharded
   P(("data", "fsdp"), None) and this process builds only the rows its devices hold; with
@@ -462,14 +582,18 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
     raise DataError(f"batch size {batch_size} and data.seq_len={data.seq_len} must be positive")
   if data.prefetch < 0 or data.worker_count < 0:
     raise DataError(f"data.prefetch={data.prefetch} and data.worker_count={data.worker_count} must be 0 or more")
+  if split not in ("train", "eval"):  # a test split is read once, whole: one_pass
+    raise DataError(f"split {split!r}: expected train or eval")
   rows = _local_rows(batch_size, mesh)
-  docs = sources.load(data, split)
+  docs = sources.load(data, split, num_classes)
   try:
-    template = templates.from_config(data, tokenizer)
+    template = "classification" if data.format == "classification" else templates.from_config(data, tokenizer)
   except templates.TemplateError as e:
     raise DataError(str(e)) from None
   truncated = 0
-  if template is None:
+  if template == "classification":
+    truncated = _fit_sentences(docs, tokenizer, data.seq_len, batch_size * data.seq_len, split)
+  elif template is None:
     _check_size(docs, tokenizer, batch_size * data.seq_len, split)
   else:
     truncated = _fit_examples(docs, template, tokenizer, data.seq_len, batch_size * data.seq_len, split)
@@ -487,5 +611,5 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
             "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
   if template is not None:  # text runs keep the header (and so the checkpoints) they always had
-    header.update(format=data.format, template=template.name)
+    header.update(format=data.format, template=getattr(template, "name", template))
   return BatchIterator(dataset, header, rows, truncated)

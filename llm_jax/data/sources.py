@@ -16,6 +16,10 @@ that the pipeline shuffles, tokenizes and packs; with data.format alpaca or chat
   with `data.format=chat`: records `{"messages": [{"role", "content"}, ...]}`, roles system, user and
   assistant, any number of turns, at least one assistant turn. A bad record fails with its file,
   record (json) or line (jsonl) number and the fix; so does a file with no records.
+- `tsv:GLOB` with `data.format=classification`: a header line, then rows `sentence<TAB>label`
+  (GLUE's SST-2 layout), the label an integer 0..model.num_classes-1; each row becomes a
+  `Sentence`. A row without a tab, a label outside the classes or a file without rows fails with
+  the file, line and fix.
 
 Pieces: a document longer than `data.chunk_chars` characters (default 32 x seq_len) is cut, after
 a newline where one is near, into pieces that are shuffled apart like documents. TFDS
@@ -27,6 +31,8 @@ mid-text. Cutting loses only the attention across the cut, which a row boundary 
 Evaluation (`split="eval"`): `data.eval_source` when set; else the dataset's own validation split
 (TFDS); else `data.eval_fraction` of the pieces (or records), evenly spaced through the data (deterministic and
 independent of the seed), which the train split then leaves out.
+
+Test (`split="test"`, classification only): `data.test_source`, read whole.
 
 Local sources are read into memory at start; TFDS splits are read lazily by index.
 """
@@ -41,7 +47,7 @@ import os
 import pathlib
 import re
 import socket
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -62,6 +68,14 @@ _TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.
 
 class DataError(UserError):
   """A data source that is missing, empty, unreadable or misconfigured."""
+
+
+class Sentence(NamedTuple):
+  """One classification example: its text, its class and where it came from (for messages)."""
+
+  text: str
+  label: int
+  origin: str
 
 
 class Documents(Sequence[Piece]):
@@ -291,6 +305,36 @@ def _instruction_examples(scheme: str, pattern: str, data_format: str) -> list[C
   return [make(record, where) for path in _files(scheme, pattern) for where, record in _records(scheme, path)]
 
 
+# ----------------------------------------------------------------------------- classification rows
+
+
+def _tsv_sentences(pattern: str, num_classes: int) -> list[Sentence]:
+  """The rows of every file under a header line; labels checked against the classes when known (> 0)."""
+  out = []
+  for path in _files("tsv", pattern):
+    lines = _read_text(path).splitlines()
+    header = lines[0].split("\t") if lines else []
+    if len(header) == 2 and header[1].strip().lstrip("-").isdigit():
+      raise DataError(f"{path}:1 looks like a data row, not a header; add a first line sentence<TAB>label")
+    rows = [(number, line) for number, line in enumerate(lines[1:], 2) if line.strip()]
+    if not rows:
+      raise DataError(f"{path} holds no rows after its header; add lines of sentence<TAB>label or leave it out")
+    for number, line in rows:
+      where = f"{path}:{number}"
+      text, tab, label = line.rpartition("\t")
+      if not tab:
+        raise DataError(f"{where}: no tab in {line[:40]!r}; each row is sentence<TAB>label")
+      try:
+        value = int(label.strip())
+      except ValueError:
+        raise DataError(f"{where}: label {label.strip()!r} is not an integer; write the class number 0..C-1") from None
+      if value < 0 or (num_classes > 0 and value >= num_classes):
+        raise DataError(f"{where}: label {value} is outside the classes 0..{num_classes - 1}; fix the row or set "
+                        f"model.num_classes to the number of classes")
+      out.append(Sentence(text.strip(), value, where))
+  return out
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 
@@ -435,16 +479,21 @@ def _tiny_shakespeare_builder(source_file: str | None, data_dir: str, file_forma
 
 def _parse(spec: str) -> tuple[str, str]:
   scheme, sep, rest = spec.partition(":")
-  if not sep or scheme not in ("tfds", "text", "jsonl", "json") or not rest:
+  if not sep or scheme not in ("tfds", "text", "jsonl", "json", "tsv") or not rest:
     raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB (or json:GLOB, "
-                    "with data.format=alpaca or chat)")
+                    "with data.format=alpaca or chat; tsv:GLOB with data.format=classification)")
   return scheme, rest
 
 
-def _open(spec: str, data: DataConfig, default_split: str) -> Documents:
+def _open(spec: str, data: DataConfig, default_split: str, num_classes: int = 0) -> Documents:
   scheme, rest = _parse(spec)
-  if data.format not in ("text", "alpaca", "chat"):
-    raise DataError(f"data.format={data.format!r}: expected text, alpaca or chat")
+  if data.format not in ("text", "alpaca", "chat", "classification"):
+    raise DataError(f"data.format={data.format!r}: expected text, alpaca, chat or classification")
+  if (data.format == "classification") != (scheme == "tsv"):
+    raise DataError(f"data source {spec!r} with data.format={data.format}: classification reads tsv:GLOB files of "
+                    "sentence<TAB>label, and only it does; set both together")
+  if scheme == "tsv":
+    return _Pieces(spec, _tsv_sentences(rest, num_classes))
   if data.format != "text":
     if scheme not in ("json", "jsonl"):
       raise DataError(f"data.format={data.format} reads records from json:GLOB or jsonl:GLOB, not {spec!r}; point "
@@ -478,16 +527,21 @@ def held_out(count: int, fraction: float) -> np.ndarray:
   return ((np.arange(n) + 0.5) * count / n).astype(np.int64)
 
 
-def load(data: DataConfig, split: str) -> Documents:
-  """The pieces of the train or eval split of `data.source` (see the module docstring)."""
-  if split not in ("train", "eval"):
-    raise DataError(f"split {split!r}: expected train or eval")
+def load(data: DataConfig, split: str, num_classes: int = 0) -> Documents:
+  """The pieces of the train, eval or test split of `data.source` (see the module docstring);
+  `num_classes` > 0 bounds classification labels."""
+  if split not in ("train", "eval", "test"):
+    raise DataError(f"split {split!r}: expected train, eval or test")
+  if split == "test":
+    if not data.test_source:
+      raise DataError("there is no test split: set data.test_source=tsv:PATH")
+    return _check_nonempty(_open(data.test_source, data, "test", num_classes))
   if split == "eval" and data.eval_source:
-    return _check_nonempty(_open(data.eval_source, data, "validation"))
+    return _check_nonempty(_open(data.eval_source, data, "validation", num_classes))
   validation = None if data.eval_source else _own_validation(data)
   if split == "eval" and validation:
     return _check_nonempty(_open(validation, data, "validation"))
-  docs = _check_nonempty(_open(data.source, data, "train"))
+  docs = _check_nonempty(_open(data.source, data, "train", num_classes))
   if data.eval_source or validation:
     return docs
   eval_indices = held_out(len(docs), data.eval_fraction)

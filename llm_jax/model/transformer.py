@@ -13,7 +13,11 @@ With `scan_layers` the blocks' parameters are stacked on a leading `layers` axis
 forward pass is a `lax.scan`, so compile time does not grow with depth. Unscanned, `layers`
 is a dict {"0": block, "1": block, ...}; `stack_layers`/`unstack_layers` convert.
 
-Dimension letters as in layers.py (B, L, S, D, H, G, K, F, V; N = number of layers).
+With `num_classes` > 0 the tree also holds `classifier` ({"kernel": [D, C], "bias": [C]}),
+the head that `heads.classify` applies to `hidden`; the LM head stays, so a classifier can start
+from a pretrained language model's checkpoint (the trainer restores the rest into it).
+
+Dimension letters as in layers.py (B, L, S, D, H, G, K, F, V; N = number of layers; C = classes).
 """
 
 from __future__ import annotations
@@ -112,6 +116,10 @@ class Transformer(nnx.Module):
     self.norm = Norm(cfg, dtype, 0, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Dict(kernel=_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dtype, 0))
+    if cfg.num_classes > 0:
+      c = cfg.num_classes
+      self.classifier = nnx.Dict(kernel=_param(rngs, (cfg.d_model, c), ("embed", None), cfg.init_std, dtype, 0),
+                                 bias=_param(rngs, (c,), (None,), 0, dtype, 0))
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -236,9 +244,17 @@ def embed(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, positions_BL: 
   return constrain(x_BLD, ("batch", "length", None))
 
 
+def final_norm(params: Params, cfg: ModelConfig, x_BLD: jax.Array) -> jax.Array:
+  return _norm(x_BLD, params["norm"], cfg).astype(jnp.dtype(cfg.dtype))
+
+
 def unembed(params: Params, cfg: ModelConfig, x_BLD: jax.Array) -> jax.Array:
   """Final norm and output head; logits in float32."""
-  h_BLD = _norm(x_BLD, params["norm"], cfg).astype(jnp.dtype(cfg.dtype))
+  return lm_head(params, cfg, final_norm(params, cfg, x_BLD))
+
+
+def lm_head(params: Params, cfg: ModelConfig, h_BLD: jax.Array) -> jax.Array:
+  """The output head on final-normed hidden states; logits in float32."""
   if cfg.tie_embeddings:
     w_VD = params["embed_tokens"]["embedding"].astype(h_BLD.dtype)
     logits_BLV = jnp.einsum("bld,vd->blv", h_BLD, w_VD, preferred_element_type=jnp.float32)
@@ -311,6 +327,14 @@ def forward(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, *, segment_i
   Packed rows pass `segment_ids_BL` (documents never attend to each other; 0 is padding) and
   `positions_BL` (restarting at 0 in each document). Dropout applies only when `rng` is given.
   """
+  return lm_head(params, cfg, hidden(params, cfg, tokens_BL, segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
+                                     rng=rng))
+
+
+def hidden(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, *, segment_ids_BL: jax.Array | None = None,
+           positions_BL: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+  """`forward` without the output head: the final-normed hidden states [B, L, D] (in model.dtype) that
+  a head (the LM head, `heads.classify`) reads. Arguments as for `forward`."""
   if segment_ids_BL is None:
     segment_ids_BL = jnp.ones_like(tokens_BL)
   if positions_BL is None:
@@ -319,4 +343,4 @@ def forward(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, *, segment_i
   embed_rng, layers_rng = _split_rng(rng, 2)
   x_BLD = embed(params, cfg, tokens_BL, positions_BL, embed_rng)
   x_BLD = apply_layers(params, cfg, x_BLD, mask_BLS, positions_BL, layers_rng)
-  return unembed(params, cfg, x_BLD)
+  return final_norm(params, cfg, x_BLD)

@@ -24,7 +24,7 @@ from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import lora as lora_lib
-from llm_jax.model import stats
+from llm_jax.model import stats, transformer
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optim
 from llm_jax.train import state as state_lib
@@ -95,16 +95,32 @@ def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool)
 
 
 def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
-  """Loss over `train.eval_batches` batches of the validation split, the same batches every time."""
-  totals = None
+  """Loss over `train.eval_batches` batches of the validation split, the same batches every time;
+  and `eval_accuracy` when the loss counts `correct` (classification)."""
   with pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
-                             mesh=mesh, split="eval") as batches:
-    for _, batch in zip(range(config.train.eval_batches), batches):
-      sums = eval_step(params, frozen, batch)
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+                             mesh=mesh, split="eval", num_classes=config.model.num_classes) as batches:
+    return _summed(eval_step, params, frozen, zip(range(config.train.eval_batches), batches), "eval")
+
+
+def evaluate_test(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
+  """`test_loss`, `test_accuracy` and `test_examples` over the whole of data.test_source, each example once."""
+  batches = pipeline.one_pass(config.data, tokenizer, batch_size=config.train.batch_size, mesh=mesh, split="test",
+                              num_classes=config.model.num_classes)
+  return _summed(eval_step, params, frozen, enumerate(batches), "test")
+
+
+def _summed(eval_step, params, frozen, batches, prefix: str) -> dict[str, float]:
+  totals = None
+  for _, batch in batches:
+    sums = eval_step(params, frozen, batch)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
-  loss = float(totals["loss"] / max(totals["count"], 1.0))
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  count = max(float(totals["count"]), 1.0)
+  loss = float(totals["loss"] / count)
+  if "correct" not in totals:
+    return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
+  out = {f"{prefix}_loss": loss, f"{prefix}_accuracy": float(totals["correct"]) / count}
+  return {**out, f"{prefix}_examples": int(totals["count"])} if prefix == "test" else out
 
 
 class RunStopped(config_lib.ConfigError):
@@ -144,7 +160,8 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
       _say(f"llm-jax: no complete checkpoint in {ckpt.directory}; the run starts from step 0")
     tokenizer = _tokenizer(config, workdir, resuming=start is not None)
     batches = pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size,
-                                    seed=config.train.seed, mesh=mesh, split="train")
+                                    seed=config.train.seed, mesh=mesh, split="train",
+                                    num_classes=config.model.num_classes)
     loop_state = {"best_eval": None, "evals_without_gain": 0}
     lora = bool(config.finetune.lora_rank)
     if start is not None:
@@ -154,8 +171,7 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
     else:
       state = state_lib.create(config.model, optimizer, mesh, config.train.seed, config.finetune)
     if config.train.init_from and (start is None or lora):  # a LoRA base is never checkpointed: load it again
-      params, _ = checkpoint.restore_params(config.train.init_from, config.model,
-                                            shardings.frozen if lora else shardings.params)
+      params = _restore_base(config, mesh, shardings.frozen if lora else shardings.params, state.params)
       state = state._replace(frozen=params) if lora else state._replace(params=params)
       if start is None:
         _say(f"llm-jax: starting from the parameters of {config.train.init_from}" +
@@ -183,6 +199,28 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
       batches.close()
 
 
+def _restore_base(config: config_lib.Config, mesh, shardings: Any, fresh: Any) -> Any:
+  """The parameters of train.init_from in this run's layout and shardings.
+
+  A base of another `num_classes` (a pretrained LM, num_classes 0, under a new classifier) is
+  restored as its own architecture; its classifier, if any, is dropped and this run's fresh one
+  (from `fresh`) kept, so only the classifier starts from scratch.
+  """
+  base_classes = checkpoint.find_params(config.train.init_from)[1].model.num_classes
+  model = config.model
+  if base_classes == model.num_classes:
+    return checkpoint.restore_params(config.train.init_from, model, shardings)[0]
+  base_model = dataclasses.replace(model, num_classes=base_classes)
+  base_shardings = sharding.param_shardings(mesh, transformer.logical_axes(base_model),
+                                            transformer.abstract_params(base_model))
+  params, _ = checkpoint.restore_params(config.train.init_from, base_model, base_shardings)
+  params = {k: v for k, v in params.items() if k != "classifier"}
+  if model.num_classes:
+    params["classifier"] = fresh["classifier"]
+    _say(f"llm-jax: a new classifier head of {model.num_classes} classes on the base's parameters")
+  return params
+
+
 def with_base(config: config_lib.Config) -> config_lib.Config:
   """With `train.init_from`, the base's architecture and tokenizer: one fine-tuning config serves any base.
 
@@ -193,7 +231,9 @@ def with_base(config: config_lib.Config) -> config_lib.Config:
   if not config.train.init_from:
     return config
   params_dir, saved = checkpoint.find_params(config.train.init_from)
-  model = dataclasses.replace(saved.model, **{f: getattr(config.model, f) for f in checkpoint.RUNTIME_FIELDS})
+  # num_classes is the fine-tuning's own: a classifier may be put on a language model (the trainer inserts it).
+  model = dataclasses.replace(saved.model, **{f: getattr(config.model, f) for f in checkpoint.RUNTIME_FIELDS},
+                              num_classes=config.model.num_classes)
   folder = checkpoint.tokenizer_folder(params_dir.parent)
   config = config_lib.replace(config, model=model, data={"tokenizer": str(folder) if folder else config.data.tokenizer})
   if config.finetune.lora_rank:
@@ -249,6 +289,8 @@ def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loo
       pending = (step, step_metrics)
     early_stop = bool(train_cfg.early_stop_patience) and loop_state["evals_without_gain"] >= train_cfg.early_stop_patience
     if (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or is_last or early_stop:
+      if record_eval and config.data.test_source:
+        _track_best_checkpoint(loop_state, step, record_eval["eval_loss"])
       ckpt.save(step, state.params, _train_item(state), batches.get_state(), config,
                 metrics={"eval_loss": record_eval["eval_loss"]} if record_eval else None, loop_state=loop_state)
     if early_stop:
@@ -265,6 +307,36 @@ def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loo
                      f"{ckpt.directory}. Run the same command to resume.")
   elif not train_cfg.eval_every:
     _print_sample(reporter, state, config, tokenizer)
+  if config.data.test_source and not stopping:
+    last = _test(config, state, last, loop_state, eval_step, tokenizer, mesh, ckpt, reporter)
+  return last
+
+
+def _track_best_checkpoint(loop_state: dict, step: int, eval_loss: float) -> None:
+  """The saved step of lowest eval loss: the one the Checkpointer keeps as the best, and the one tested."""
+  best = loop_state.get("best_checkpoint")
+  if best is None or eval_loss < best[1]:
+    loop_state["best_checkpoint"] = [step, eval_loss]
+
+
+def _test(config: config_lib.Config, state: state_lib.TrainState, last: dict, loop_state: dict, eval_step, tokenizer,
+          mesh, ckpt: checkpoint.Checkpointer, reporter: metrics_lib.Reporter) -> dict[str, Any]:
+  """Accuracy on the whole of data.test_source, once, of the checkpoint best by dev loss (the last
+  state when no saved evaluation beat it). The last step's record is written again with the test
+  figures added, so a reader keeping each step's last record has both; one line is printed."""
+  step = int(jax.device_get(state.step))
+  best = loop_state.get("best_checkpoint")
+  params, chosen = state.params, step
+  if best and best[0] != step and best[0] in ckpt.all_steps():
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          (state.params, _train_item(state)))
+    params, chosen = ckpt.restore(best[0], lambda model: target, config.model)[0], best[0]
+  record = {**evaluate_test(eval_step, params, state.frozen, config, tokenizer, mesh), "test_checkpoint_step": chosen}
+  last = {**last, "step": step, **record}
+  reporter.write(last)
+  reporter.message(f"llm-jax: test accuracy {record['test_accuracy']:.4f} (loss {record['test_loss']:.4f}) on the "
+                   f"{record['test_examples']} examples of {config.data.test_source}, with the parameters of step "
+                   f"{chosen} (best dev eval_loss)")
   return last
 
 
@@ -331,8 +403,11 @@ class _Rate:
 def _print_sample(reporter, state: state_lib.TrainState, config: config_lib.Config, tokenizer) -> None:
   """One generated sample at each evaluation, so a run shows what its model writes.
 
-  The sample is cut to fit the model's context: a short-context model still trains.
+  The sample is cut to fit the model's context: a short-context model still trains. A classifier
+  prints none: its LM head is not what trains.
   """
+  if config.model.num_classes:
+    return
   s = config.sample
   room = config.model.max_len - max(len(tokenizer.encode(s.prompt)), 1)
   if room <= 0:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config, ModelConfig
-from llm_jax.model import transformer
+from llm_jax.model import heads, transformer
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
@@ -42,6 +42,23 @@ def lm_loss(params: Any, batch: Batch, rng: jax.Array | None, *, model: ModelCon
   return objective, {"loss": ce, "count": mask_BL.sum()}
 
 
+def classification_loss(params: Any, batch: Batch, rng: jax.Array | None, *,
+                        model: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy in float32 of the class logits at every position with a label (`labels` >= 0: each
+  example's last token, see heads.py); sums over examples, and `correct` counts argmax hits."""
+  hidden_BLD = transformer.hidden(params, model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
+                                  positions_BL=batch["positions"], rng=rng if has_dropout(model) else None)
+  logits_BLC = heads.classify(params, model, hidden_BLD)
+  labels_BL = batch["labels"]
+  valid_BL = (labels_BL >= 0).astype(jnp.float32)
+  target_logit_BL = jnp.take_along_axis(logits_BLC, jnp.maximum(labels_BL, 0)[..., None], axis=-1)[..., 0]
+  ce = ((jax.nn.logsumexp(logits_BLC, axis=-1) - target_logit_BL) * valid_BL).sum()
+  correct = ((jnp.argmax(logits_BLC, axis=-1) == labels_BL).astype(jnp.float32) * valid_BL).sum()
+  return ce, {"loss": ce, "count": valid_BL.sum(), "correct": correct}
+
+
 def for_config(config: Config) -> LossFn:
-  """The loss a run's config asks for."""
+  """The loss a run's config asks for: classification for data.format=classification, else next-token."""
+  if config.data.format == "classification":
+    return functools.partial(classification_loss, model=config.model)
   return functools.partial(lm_loss, model=config.model, z_loss=config.train.z_loss)

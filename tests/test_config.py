@@ -116,4 +116,4 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "llm-jax: error: unknown config key 'model.num_layer'; did you mean model.num_layers or model.scan_layers "
-      "or model.num_heads?"]
+      "or model.num_classes?"]

@@ -216,30 +216,31 @@ def _at(tree, path):
 
 @pytest.mark.slow
 def test_tiny_sst2_run_beats_the_majority_class(shared_data, tmp_path):
-  """A few hundred SST-2 rows through `llm-jax tokenizer train` and `llm-jax train`: the whole held-out set,
+  """4,000 SST-2 phrases through `llm-jax tokenizer train` and `llm-jax train`: the whole held-out set,
   scored once at the end, beats always answering its most frequent class."""
   sst2 = shared_data / "sst2"
-  head, *train_rows = (sst2 / "train.tsv").read_text().splitlines()[:1201]
+  head, *train_rows = (sst2 / "train.tsv").read_text().splitlines()[:4001]
   held_out = (sst2 / "dev.tsv").read_text().splitlines()[1:401]
   (tmp_path / "train.tsv").write_text("\n".join([head, *train_rows]) + "\n")
   (tmp_path / "test.tsv").write_text("\n".join([head, *held_out]) + "\n")
   spm = tmp_path / "sp.model"
   made = subprocess.run([sys.executable, "-m", "llm_jax", "tokenizer", "train", "--input", str(tmp_path / "train.tsv"),
-                         "--vocab-size", "600", "--out", str(spm)], capture_output=True, text=True, timeout=300)
+                         "--vocab-size", "1000", "--out", str(spm)], capture_output=True, text=True, timeout=300)
   assert made.returncode == 0, made.stderr[-2000:]
   workdir = tmp_path / "run"
   result = train([sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/sst2.py"), "--workdir",
                   str(workdir), f"data.source=tsv:{tmp_path / 'train.tsv'}",
                   f"data.eval_source=tsv:{tmp_path / 'test.tsv'}",
-                  f"data.test_source=tsv:{tmp_path / 'test.tsv'}", f"data.tokenizer={spm}", "model.vocab_size=640",
-                  "model.max_len=32", "data.seq_len=32", "train.batch_size=16", "train.steps=150", "train.log_every=50",
-                  "train.eval_every=50", "train.checkpoint_every=50", "train.eval_batches=4", "optim.warmup_steps=10"])
+                  f"data.test_source=tsv:{tmp_path / 'test.tsv'}", f"data.tokenizer={spm}", "model.vocab_size=1024",
+                  "model.max_len=32", "data.seq_len=32", "train.batch_size=16", "train.steps=300", "train.log_every=50",
+                  "train.eval_every=100", "train.checkpoint_every=100", "train.eval_batches=4",
+                  "optim.warmup_steps=10"])
   assert result.returncode == 0, result.stderr[-3000:]
   labels = [int(line.rsplit("\t", 1)[1]) for line in held_out]
   majority = max(labels.count(0), labels.count(1)) / len(labels)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   test = records[-1]  # the last step again, with the test figures
-  assert test["step"] == 150 and test["test_examples"] == len(held_out)
-  assert "eval_accuracy" in test and records[-2]["step"] == 150 and "test_accuracy" not in records[-2]
+  assert test["step"] == 300 and test["test_examples"] == len(held_out)
+  assert "eval_accuracy" in test and records[-2]["step"] == 300 and "test_accuracy" not in records[-2]
   assert test["test_accuracy"] > majority + 0.05, (test, majority)
   assert f"llm-jax: test accuracy {test['test_accuracy']:.4f}" in result.stdout

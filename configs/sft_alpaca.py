@@ -26,10 +26,7 @@ For a quick debug run add overrides, e.g. `model.num_layers=2 train.steps=10 tra
 """
 
 from llm_jax import config as config_lib
-from llm_jax.data import templates
 from llm_jax.model import presets
-
-_SAMPLE_INSTRUCTION = "Give three tips for staying healthy."
 
 
 def get_config() -> config_lib.Config:
@@ -64,7 +61,7 @@ def get_config() -> config_lib.Config:
           checkpoint_every=60,
           init_from="",  # set on the command line: train.init_from=WORKDIR
       ),
-      # The trainer's samples take the prompt as it is, so it is written here already in the template.
-      sample=config_lib.SampleConfig(prompt=templates.render_prompt(templates.Alpaca(), _SAMPLE_INSTRUCTION),
-                                     max_new_tokens=120, temperature=0.0),
+      # The trainer's samples go through the run's template, as `llm-jax generate` prompts do.
+      sample=config_lib.SampleConfig(prompt="Give three tips for staying healthy.", max_new_tokens=120,
+                                     temperature=0.0),
   )

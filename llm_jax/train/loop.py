@@ -21,7 +21,7 @@ import numpy as np
 from llm_jax import checkpoint, distributed, sampling, sharding
 from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
-from llm_jax.data import pipeline
+from llm_jax.data import pipeline, templates
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import lora as lora_lib
 from llm_jax.model import stats, transformer
@@ -403,19 +403,23 @@ class _Rate:
 def _print_sample(reporter, state: state_lib.TrainState, config: config_lib.Config, tokenizer) -> None:
   """One generated sample at each evaluation, so a run shows what its model writes.
 
-  The sample is cut to fit the model's context: a short-context model still trains. A classifier
-  prints none: its LM head is not what trains.
+  The sample is cut to fit the model's context: a short-context model still trains. A run on
+  instructions (data.format alpaca or chat) gets `sample.prompt` through its template, as
+  `llm-jax generate` does, so the sample shows the model answering it. A classifier prints none:
+  its LM head is not what trains.
   """
   if config.model.num_classes:
     return
   s = config.sample
-  room = config.model.max_len - max(len(tokenizer.encode(s.prompt)), 1)
+  template = templates.from_config(config.data, tokenizer)
+  prompt = s.prompt if template is None else templates.render_prompt(template, s.prompt)
+  room = config.model.max_len - max(len(tokenizer.encode(prompt)), 1)
   if room <= 0:
     return
   params = lora_lib.merge(state.frozen, state.params, config.finetune) if state.frozen else state.params
-  text = sampling.generate_text(params, config.model, tokenizer, [s.prompt], max_new_tokens=min(s.max_new_tokens, room),
+  text = sampling.generate_text(params, config.model, tokenizer, [prompt], max_new_tokens=min(s.max_new_tokens, room),
                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)[0]
-  reporter.message(f"--- sample ---\n{s.prompt}{text}\n--------------")
+  reporter.message(f"--- sample ---\n{prompt}{text}\n--------------")
 
 
 def _say(text: str) -> None:

@@ -390,3 +390,43 @@ def test_training_prompt_equals_the_generation_prompt():
   first = int(np.argmax(tokens.trained))
   assert tokens.ids[:first].tolist() == BYTES.encode(templates.render_prompt(templates.Alpaca(), "Say hi."))
   assert BYTES.decode(tokens.ids[first:]) == "Hi!" and tokens.ids[-1] == EOS_ID
+
+
+# ----------------------------------------------------------------------------- the loss on SFT batches
+
+
+@pytest.fixture(scope="module")
+def sft_batch(tmp_path_factory):
+  """A real packed SFT batch (several examples to a row) and a tiny model to score it."""
+  source = write_json(tmp_path_factory.mktemp("sft") / "alpaca.json", alpaca_records(24))
+  data = DataConfig(source=source, format="alpaca", template="chatml", seq_len=256, eval_fraction=0.1)
+  batch = take(pipeline.make_batches(data, BYTES, batch_size=4, seed=0, mesh=None), 1)[0]
+  assert (batch["segment_ids"].max(axis=1) >= 2).all(), "each row should pack several examples"
+  model = dataclasses.replace(presets.get("tiny-gpt2"), vocab_size=512, max_len=256)
+  return batch, model, transformer.init_params(model, jax.random.key(0))
+
+
+def test_prompt_targets_change_neither_loss_nor_gradients(sft_batch):
+  from llm_jax.train import losses
+  batch, model, params = sft_batch
+  value_and_grad = jax.value_and_grad(lambda p, b: losses.lm_loss(p, b, None, model=model)[0])
+  loss, grads = value_and_grad(params, batch)
+  prompt = batch["loss_mask"] == 0
+  other = dict(batch, targets=np.where(prompt, (batch["targets"] + 7) % 256, batch["targets"]))
+  assert (other["targets"] != batch["targets"]).sum() > 100
+  other_loss, other_grads = value_and_grad(params, other)
+  assert float(other_loss) == float(loss)
+  jax.tree.map(np.testing.assert_array_equal, other_grads, grads)
+
+
+def test_packed_rows_give_the_loss_of_each_example_alone(sft_batch):
+  from llm_jax.train import losses
+  batch, model, params = sft_batch
+  packed = float(losses.lm_loss(params, batch, None, model=model)[1]["loss"])
+  alone = 0.0
+  for row in range(batch["inputs"].shape[0]):
+    for example in segments(batch, row):
+      single = {key: value[None] for key, value in example.items()}
+      single["segment_ids"] = np.ones_like(single["segment_ids"])
+      alone += float(losses.lm_loss(params, single, None, model=model)[1]["loss"])
+  assert packed == pytest.approx(alone, rel=1e-5)

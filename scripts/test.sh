@@ -13,4 +13,4 @@ if [ -z "${LLM_JAX_SKIP_TF_STAGE:-}" ]; then
   LLM_JAX_EXPECT_TF=1 .venv-tf/bin/python -m pytest -q -p no:cacheprovider tests/test_tfrecord.py
 fi
 EXTRAS=dev,hf source scripts/setup_env.sh
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

@@ -56,7 +56,9 @@ def make_run(path: pathlib.Path, *, export: bool = False) -> pathlib.Path:
     for name in ("params", "eval", "profile", "damaged_checkpoints"):
       (path / name).mkdir()
       (path / name / "data").write_text(name)
-    (path / "hf_config.json").write_text("{}")
+    for name in ("hf_config.json", "checksums.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+      (path / name).write_text("{}")
   (path / "notes.txt").write_text("mine")
   return path
 

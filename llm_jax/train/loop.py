@@ -350,13 +350,13 @@ def _track_best(loop_state: dict, eval_loss: float) -> None:
 
 def _log(record: dict, reporter: metrics_lib.Reporter, train_cfg: config_lib.TrainConfig, write: bool = True) -> dict:
   """Writes a fetched record, and stops a run whose updates keep being skipped (the step's guard)."""
+  if write:
+    reporter.write(record)
   if record["consecutive_skips"] >= train_cfg.max_skipped_steps:
     raise RunStopped(f"the last {record['consecutive_skips']} updates (to step {record['step']}) were skipped: the "
                      "loss or gradient was not finite" + (" or spiked" if train_cfg.spike_factor else "") +
                      "; the checkpoints are intact (no skipped update reaches them): lower optim.learning_rate "
                      "and rerun to resume from the last one")
-  if write:
-    reporter.write(record)
   return record
 
 

@@ -10,6 +10,7 @@ simulated CPU mesh share the same cores, so the host rate is the peak, not rate 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -117,8 +118,8 @@ class Reporter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     step = record["step"]
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
+    for key, value in record.items():  # a NaN loss (skipped by the step's guard) stays in metrics.jsonl only
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)

@@ -7,7 +7,6 @@ round trips in both directions.
 """
 
 import dataclasses
-import importlib
 import json
 import os
 import pathlib
@@ -21,19 +20,7 @@ import numpy as np
 import pytest
 
 
-def hf_extra(name: str):
-  """A module of the hf extra: a user's clone without it skips these tests, CI (CI=true) fails on it.
-
-  Skipping in CI would let a broken install pass every parity check by running none of them.
-  """
-  if os.environ.get("CI") == "true":
-    try:
-      return importlib.import_module(name)
-    except ImportError as e:
-      pytest.fail(f"CI=true but the hf extra is not installed ({e}); install it: pip install -e '.[hf]'",
-                  pytrace=False)
-  return pytest.importorskip(name, reason=f"the hf extra ({name}) is needed to compare with transformers")
-
+from hf_extra import hf_extra  # noqa: E402  (tests/hf_extra.py)
 
 torch = hf_extra("torch")
 transformers = hf_extra("transformers")

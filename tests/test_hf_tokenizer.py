@@ -6,7 +6,6 @@ transformers writes (nothing downloads). A tiny random Llama saved beside one of
 and generates text through `llm_jax.load` and the real CLI.
 """
 
-import importlib
 import json
 import os
 import pathlib
@@ -20,17 +19,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-
-def hf_extra(name: str):
-  """A module of the hf extra: skipped in a user's clone without it, a failure under CI=true (see test_hf.py)."""
-  if os.environ.get("CI") == "true":
-    try:
-      return importlib.import_module(name)
-    except ImportError as e:
-      pytest.fail(f"CI=true but the hf extra is not installed ({e}); install it: pip install -e '.[hf]'",
-                  pytrace=False)
-  return pytest.importorskip(name, reason=f"the hf extra ({name}) is needed to compare with transformers")
-
+from hf_extra import hf_extra  # noqa: E402  (tests/hf_extra.py)
 
 torch = hf_extra("torch")
 transformers = hf_extra("transformers")

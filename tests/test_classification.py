@@ -14,7 +14,7 @@ from test_train_loop import REPO, train
 
 from llm_jax import checkpoint, sharding
 from llm_jax import config as config_lib
-from llm_jax.data import pipeline, sources
+from llm_jax.data import packing, pipeline, sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import heads, presets, transformer
 from llm_jax.train import loop, losses
@@ -71,7 +71,7 @@ def test_packed_examples_classify_as_each_alone():
       ids, seg = ids + ex, seg + [s] * len(ex)
     return ids + [0] * (L - len(ids)), seg + [0] * (L - len(seg))
   rows = [row(a, b), row(a), row(b)]
-  fields = pipeline.batch_fields(np.array([r[0] for r in rows], np.int32), np.array([r[1] for r in rows], np.int32))
+  fields = packing.batch_fields(np.array([r[0] for r in rows], np.int32), np.array([r[1] for r in rows], np.int32))
   hidden_BLD = transformer.hidden(params, MODEL, fields["inputs"], segment_ids_BL=fields["segment_ids"],
                                   positions_BL=fields["positions"])
   logits_BLC = np.asarray(heads.classify(params, MODEL, hidden_BLD))

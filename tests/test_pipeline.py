@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from llm_jax import sharding
 from llm_jax.config import DataConfig
-from llm_jax.data import pipeline, sources
+from llm_jax.data import packing, pipeline, sources
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID
 from multiprocess import run_processes  # tests/multiprocess.py (pytest puts tests/ on sys.path)
@@ -72,7 +72,7 @@ def reference_rows(pieces: list[tuple[str, bool]], row: int, batch_size: int, se
 
 
 def test_batch_fields_at_boundaries():
-  fields = pipeline.batch_fields(np.array([[10, 11, 12, 13, 14, 15]], np.int32), np.array([[1, 1, 2, 2, 2, 3]], np.int32))
+  fields = packing.batch_fields(np.array([[10, 11, 12, 13, 14, 15]], np.int32), np.array([[1, 1, 2, 2, 2, 3]], np.int32))
   assert fields["positions"].tolist() == [[0, 1, 0, 1, 2, 0]]
   assert fields["targets"].tolist() == [[11, 12, 13, 14, 15, 0]]
   assert fields["loss_mask"].tolist() == [[1, 0, 1, 1, 0, 0]]

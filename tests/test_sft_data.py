@@ -16,7 +16,7 @@ import llm_jax
 from llm_jax import checkpoint, cli
 from llm_jax import config as config_lib
 from llm_jax.config import DataConfig
-from llm_jax.data import examples, pipeline, sources, templates
+from llm_jax.data import examples, packing, pipeline, sources, templates
 from llm_jax.data.sources import DataError
 from llm_jax.data.templates import Message
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID, PAD_ID
@@ -219,7 +219,7 @@ def test_rows_do_not_depend_on_how_many_processes_build_them(chat_data):
   docs = grain_ordered(chat_data, seed=4)
   template = templates.from_config(chat_data, BYTES)
   for process in range(4):
-    share = pipeline._PackedRows(docs, BYTES, [2 * process, 2 * process + 1], 8, 160, template)
+    share = packing.PackedRows(docs, BYTES, [2 * process, 2 * process + 1], 8, 160, template)
     rows = iter(share)
     for k in range(5):
       part = next(rows)

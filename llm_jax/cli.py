@@ -127,6 +127,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+  from llm_jax.train import plot
+  out = args.out or (pathlib.Path(args.workdirs[0]) / "curves.png" if len(args.workdirs) == 1 else "curves.png")
+  print(plot.write(args.workdirs, out))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--raw", action="store_true",
                  help="use prompts as they are, not through the run's instruction template (data.format alpaca or chat)")
   p.set_defaults(handler=_cmd_generate)
+
+  p = sub.add_parser("plot", help="draw the loss (against steps and tokens), learning rate and tokens/s of runs")
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="one or more runs, overlaid and named by folder")
+  p.add_argument("--out", help="the PNG to write (default: WORKDIR/curves.png for one run, ./curves.png for several)")
+  p.set_defaults(handler=_cmd_plot)
 
   p = sub.add_parser("convert", help="Hugging Face weights in or out")
   p.add_argument("--from-hf", help="a local transformers model folder")

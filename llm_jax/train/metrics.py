@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar or plain lines, and MFU.
+"""What a run reports: metrics.jsonl, TensorBoard events, curves.png, a progress bar or plain lines, and MFU.
 
 MFU = achieved training FLOP/s / peak FLOP/s, with the FLOPs per token of
 `llm_jax.model.stats` (6 x (non-embedding + lm head params) + 12 x layers x seq_len x width).
@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llm_jax.train import plot
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -94,6 +96,8 @@ class Reporter:
   In a terminal it draws a progress bar; in CI or a pipe it prints one plain line per record,
   which logs and CI output can be read from. A run that starts at `start_step` (a resume, or 0)
   first drops the records of later steps that a killed predecessor left in metrics.jsonl.
+  WORKDIR/curves.png (train/plot.py) is redrawn in the background after each evaluation's
+  record and once more at `close`.
   """
 
   def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0):
@@ -101,6 +105,7 @@ class Reporter:
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._bar = None
     self._tb = None
+    self._curves = None
     if not self.enabled:
       return
     drop_records_after(self.path, start_step)
@@ -118,6 +123,10 @@ class Reporter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     step = record["step"]
+    if self._curves is None:
+      self._curves = plot.Curves(self.path.parent, self.message)
+    if "eval_loss" in record:
+      self._curves.draw()
     for key, value in record.items():  # a NaN loss (skipped by the step's guard) stays in metrics.jsonl only
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
@@ -134,6 +143,8 @@ class Reporter:
 
   def close(self) -> None:
     if self.enabled:
+      if self._curves is not None:  # a run that wrote records: its final picture
+        self._curves.close()
       self._file.close()
       self._tb.close()
       if self._bar is not None:

@@ -149,7 +149,7 @@ class SampleConfig:
   """Text generation, for `llm-jax generate` and the samples a run prints."""
 
   prompt: str = "\n"
-  max_new_tokens: int = 200
+  max_new_tokens: int = 200  # a run's samples: 0 prints none
   temperature: float = 0.8
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1.0 = off
@@ -397,6 +397,10 @@ _RANGES: dict[str, tuple[float, float, str, str]] = {
     "finetune.lora_rank": (0, _FINITE, "[)", "0 trains every parameter"),
     "finetune.lora_alpha": (0, _FINITE, "()", ""),
     "finetune.lora_dropout": (0, 1, "[)", ""),
+    "sample.max_new_tokens": (0, _FINITE, "[)", "0: the run prints no samples"),
+    "sample.temperature": (0, _FINITE, "[)", "0 is greedy"),
+    "sample.top_k": (0, _FINITE, "[)", "0 is off"),
+    "sample.top_p": (0, 1, "(]", "1 is off"),
 }
 
 
@@ -413,7 +417,7 @@ def _range_text(low: float, high: float, bounds: str) -> str:
 
 
 def validate_ranges(config: Config) -> None:
-  """Signs and ranges of the optimizer and step-loop fields, so a typo fails before compiling.
+  """Signs and ranges of the optimizer, step-loop and sample fields, so a typo fails before compiling.
 
   A negative learning rate climbs the loss, log_every=0 divides by zero after the first step,
   steps=0 trains nothing: each would otherwise surface late or not at all.

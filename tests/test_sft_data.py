@@ -430,3 +430,34 @@ def test_packed_rows_give_the_loss_of_each_example_alone(sft_batch):
       single["segment_ids"] = np.ones_like(single["segment_ids"])
       alone += float(losses.lm_loss(params, single, None, model=model)[1]["loss"])
   assert packed == pytest.approx(alone, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- what SFT teaches, end to end
+
+ANSWERS = {"Name a fruit.": "An apple.", "Name a colour.": "Red.", "Name an animal.": "A small cat."}
+
+
+def test_sft_run_learns_to_answer_through_its_template_and_stop_at_eos(tmp_path):
+  """The trainer on real Alpaca records: the held-out response loss falls, and `generate` (greedy, through the
+  run's template) answers each instruction with its response and stops at eos, not at the token limit. Fails if
+  the eos is left out of the loss, the prompt is rendered otherwise than in training, or decoding ignores eos."""
+  from llm_jax.train import loop
+  records = [{"instruction": instruction, "input": f"({i})" if i % 2 else "", "output": output}
+             for i in range(40) for instruction, output in ANSWERS.items()]
+  config = config_lib.Config(
+      model=dataclasses.replace(presets.get("tiny-gpt2"), vocab_size=512, max_len=256),
+      mesh=config_lib.MeshConfig(data=-1, fsdp=1, tensor=1),  # the test's 8 devices, a row each
+      optim=config_lib.OptimConfig(learning_rate=3e-3, warmup_steps=10, schedule="constant", weight_decay=0.0),
+      data=DataConfig(source=write_json(tmp_path / "answers.json", records), format="alpaca", template="alpaca",
+                      eval_fraction=0.1, seq_len=256),
+      train=config_lib.TrainConfig(steps=100, batch_size=8, log_every=25, eval_every=25, eval_batches=1,
+                                   checkpoint_every=100),
+      sample=config_lib.SampleConfig(max_new_tokens=0))
+  loop.train(config, tmp_path / "run")
+  evals = [r["eval_loss"] for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+           if "eval_loss" in r]
+  assert len(evals) == 4 and evals[-1] < 0.2 * evals[0], evals
+  model = llm_jax.load(tmp_path / "run")
+  details = model.generate(list(ANSWERS), max_new_tokens=40, return_details=True)
+  assert [d["text"] for d in details] == list(ANSWERS.values())
+  assert [d["finish_reason"] for d in details] == ["eos"] * len(ANSWERS)

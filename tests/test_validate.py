@@ -43,6 +43,10 @@ def validate(**sections):
     ("train", "spike_factor", 0.5, "train.spike_factor=0.5: a factor of 1 or less skips ordinary steps"),
     ("train", "early_stop_patience", -1, "train.early_stop_patience=-1: expected a finite value >= 0"),
     ("train", "z_loss", -1e-4, "train.z_loss=-0.0001: expected a finite value >= 0"),
+    ("sample", "max_new_tokens", -1, r"sample.max_new_tokens=-1: expected a finite value >= 0 \(0: the run prints no"),
+    ("sample", "temperature", -0.5, "sample.temperature=-0.5: expected a finite value >= 0"),
+    ("sample", "top_k", -3, "sample.top_k=-3: expected a finite value >= 0"),
+    ("sample", "top_p", 0.0, r"sample.top_p=0.0: expected a value in \(0, 1\]"),
 ])
 def test_out_of_range_values_fail_naming_key_value_and_range(section, key, value, message):
   with pytest.raises(ConfigError, match=message):

@@ -406,9 +406,9 @@ def _print_sample(reporter, state: state_lib.TrainState, config: config_lib.Conf
   The sample is cut to fit the model's context: a short-context model still trains. A run on
   instructions (data.format alpaca or chat) gets `sample.prompt` through its template, as
   `llm-jax generate` does, so the sample shows the model answering it. A classifier prints none:
-  its LM head is not what trains.
+  its LM head is not what trains; nor does a run with sample.max_new_tokens=0.
   """
-  if config.model.num_classes:
+  if config.model.num_classes or not config.sample.max_new_tokens:
     return
   s = config.sample
   template = templates.from_config(config.data, tokenizer)

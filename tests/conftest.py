@@ -1,10 +1,22 @@
-"""Test setup: 8 simulated CPU devices and strict rank promotion, before jax is imported."""
+"""Test setup: 8 simulated CPU devices, strict rank promotion and one compilation cache, before jax is imported."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache per test session, inherited by every process a test starts:
+# dozens of real CLI runs (kill and resume, several processes) compile the same tiny train step, and
+# a hit loads the executable XLA would build again, the same code (it halved a kill-and-resume test).
+# A fresh folder each session, so no run ever sees another run's entries.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llm-jax-tests-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 import pytest  # noqa: E402

@@ -34,7 +34,8 @@ independent of the seed), which the train split then leaves out.
 
 Test (`split="test"`, classification only): `data.test_source`, read whole.
 
-Local sources are read into memory at start; TFDS splits are read lazily by index.
+Text and JSONL documents are read lazily (`textfiles.py`: an index of each piece's bytes, built in one
+pass at start); instruction records and tsv rows are read into memory; TFDS splits are read lazily by index.
 """
 
 from __future__ import annotations
@@ -52,16 +53,15 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from llm_jax.config import DataConfig
-from llm_jax.data import templates
+from llm_jax.data import templates, textfiles
 from llm_jax.data.templates import Conversation, Message
+from llm_jax.data.textfiles import chunk_spans
 from llm_jax.errors import UserError
 
 Piece = tuple[str, bool]  # (text, whether it ends its document)
 
 _TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _PREPARABLE = ("tiny_shakespeare",)
-_BLOCK = re.compile(r"(?:^[^\n]*\S[^\n]*(?:\n|\Z))+", re.MULTILINE)  # a run of lines that are not blank
-_LAST_BREAK = re.compile(r"\r?\n\Z")
 _SPLIT_NAMES = re.compile(r"(?:^|\+)\s*(\w+)")
 _TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$")
 
@@ -154,28 +154,6 @@ def _decode(value: bytes | str, where: str) -> str:
     raise DataError(f"{where}: the field is {type(value).__name__}, not text; set data.text_field to a text feature") from None
 
 
-def chunk_spans(text: str, max_chars: int) -> list[tuple[int, int]]:
-  """(start, end) of pieces of at most max_chars that tile `text`, cut after a newline in the
-  second half of each window when there is one, else at max_chars."""
-  spans, start = [], 0
-  while len(text) - start > max_chars:
-    cut = text.rfind("\n", start + max_chars // 2, start + max_chars)
-    end = cut + 1 if cut >= 0 else start + max_chars
-    spans.append((start, end))
-    start = end
-  if start < len(text):
-    spans.append((start, len(text)))
-  return spans
-
-
-def _pieces(texts: Sequence[str], max_chars: int) -> list[Piece]:
-  out = []
-  for text in texts:
-    spans = chunk_spans(text, max_chars)
-    out += [(text[a:b], i == len(spans) - 1) for i, (a, b) in enumerate(spans)]
-  return out
-
-
 def _chunk_chars(data: DataConfig) -> int:
   if data.chunk_chars < 0:
     raise DataError(f"data.chunk_chars={data.chunk_chars}: expected 0 (auto) or a positive number of characters")
@@ -195,45 +173,7 @@ def _files(scheme: str, pattern: str) -> list[pathlib.Path]:
 
 
 def _read_text(path: pathlib.Path) -> str:
-  try:
-    raw = path.read_bytes()
-  except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror}; check its permissions") from None
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}; convert it, e.g. "
-                    f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
-
-
-def _text_documents(pattern: str, text_split: str) -> list[str]:
-  documents = []
-  for path in _files("text", pattern):
-    text = _read_text(path)
-    if text_split == "blank_line":  # blocks of lines, without the line break after the last
-      documents += [_LAST_BREAK.sub("", block) for block in _BLOCK.findall(text)]
-    else:
-      documents.append(text)
-  return [d for d in documents if d.strip()]
-
-
-def _jsonl_documents(pattern: str, field: str) -> list[str]:
-  documents = []
-  for path in _files("jsonl", pattern):
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: not JSON ({e.msg}); each line must be one JSON object") from None
-      text = record.get(field) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path}:{number}: no string field {field!r} (found {keys}); set data.text_field")
-      if text.strip():
-        documents.append(text)
-  return documents
+  return textfiles.read_text(path, DataError)
 
 
 # ----------------------------------------------------------------------------- instruction records
@@ -506,8 +446,8 @@ def _open(spec: str, data: DataConfig, default_split: str, num_classes: int = 0)
     if not match:
       raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
     return _tfds_examples(match["name"], match["split"] or default_split, data)
-  texts = _text_documents(rest, data.text_split) if scheme == "text" else _jsonl_documents(rest, data.text_field)
-  return _Pieces(spec, _pieces(texts, _chunk_chars(data)))
+  return textfiles.FilePieces(spec, _files(scheme, rest), scheme, data.text_split, data.text_field, _chunk_chars(data),
+                              DataError)
 
 
 def _own_validation(data: DataConfig) -> str | None:

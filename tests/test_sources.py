@@ -237,7 +237,7 @@ def test_giant_local_file_is_held_out_by_pieces(shared_data, shakespeare):
 
 
 def test_undecodable_tfds_text_reports_example_and_offset():
-  examples = sources._TfdsExamples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
+  examples = sources._Examples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
   assert examples[0] == ("fine", True)
   with pytest.raises(DataError, match=r"tfds:x:train example 1: invalid UTF-8 at byte offset 3"):
     examples[1]

@@ -110,6 +110,13 @@ class _RowsIterator(grain.DatasetIterator):
       stream.pending.clear()
 
 
+class _TokenRowsIterator(_RowsIterator):
+  """Rows of pieces tokenized ahead of time (tokens:DIR): each already int32 ids, eos included."""
+
+  def _tokenize(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+    return pieces
+
+
 class _ExampleRowsIterator(_RowsIterator):
   """Rows of whole instruction examples, padded (see the module docstring).
 
@@ -222,6 +229,8 @@ class PackedRows(grain.IterDataset):
   def __iter__(self) -> _RowsIterator:
     if self._template is None:
       return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+    if self._template == "tokens":
+      return _TokenRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
     if self._template == "classification":
       return _SentenceRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
     return _ExampleRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L, self._template)

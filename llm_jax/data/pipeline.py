@@ -244,10 +244,13 @@ def _to_global(sharding: NamedSharding, batch_size: int, batch: dict[str, np.nda
 
 def count_tokens(docs: Documents, tokenizer: Tokenizer, limit: int) -> int:
   """Tokens (eos included) in `docs`, counted in order until `limit` is reached."""
-  total = 0
+  total, pretokenized = 0, sources.token_shards(docs) is not None
   for start in range(0, len(docs), _COUNT_CHUNK):
     pieces = [docs[i] for i in range(start, min(start + _COUNT_CHUNK, len(docs)))]
-    total += sum(map(len, tokenizer.encode_batch([text for text, _ in pieces]))) + sum(ends for _, ends in pieces)
+    if pretokenized:
+      total += sum(map(len, pieces))
+    else:
+      total += sum(map(len, tokenizer.encode_batch([text for text, _ in pieces]))) + sum(ends for _, ends in pieces)
     if total >= limit:
       break
   return total
@@ -357,7 +360,12 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   except templates.TemplateError as e:
     raise DataError(str(e)) from None
   truncated = 0
-  if template == "classification":
+  if (token_source := sources.token_shards(docs)) is not None:
+    token_source.check_tokenizer(tokenizer)
+    template = "tokens"
+  if template == "tokens":
+    _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  elif template == "classification":
     truncated = _fit_sentences(docs, tokenizer, data.seq_len, batch_size * data.seq_len, split)
   elif template is None:
     _check_size(docs, tokenizer, batch_size * data.seq_len, split)
@@ -376,6 +384,6 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
   header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
             "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
-  if template is not None:  # text runs keep the header (and so the checkpoints) they always had
+  if template not in (None, "tokens"):  # text runs keep the header (and so the checkpoints) they always had
     header.update(format=data.format, template=getattr(template, "name", template))
   return BatchIterator(dataset, header, rows, truncated)

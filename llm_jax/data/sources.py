@@ -43,17 +43,18 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
 import re
 import socket
-from typing import NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from llm_jax.config import DataConfig
-from llm_jax.data import templates, textfiles
+from llm_jax.data import shards, templates, textfiles
 from llm_jax.data.templates import Conversation, Message
 from llm_jax.data.textfiles import chunk_spans
 from llm_jax.errors import UserError
@@ -114,14 +115,14 @@ class _Subset(Documents):
     return self.parent[int(self.indices[index])]
 
 
-class _TfdsExamples(Documents):
-  """Examples of a random-access TFDS split, each a piece; giant ones cut via `spans`.
+class _Examples(Documents):
+  """Examples of a random-access split (TFDS, Hugging Face), each a piece; giant ones cut via `spans`.
 
-  `spans` lists (example, start, end, is_last) when examples are cut; one decoded example is
-  cached, because the cut pieces of one example are read one after another.
+  `spans` is a `_SPANS` table of (example, start, stop, last) when examples are cut; one decoded
+  example is cached, because the cut pieces of one example are read one after another.
   """
 
-  def __init__(self, name: str, source: Sequence, field: str, spans: list[tuple[int, int, int, bool]] | None):
+  def __init__(self, name: str, source: Sequence, field: str, spans: np.ndarray | None):
     self.name, self._source, self._field, self._spans = name, source, field, spans
     self._cached: tuple[int, str] | None = None
 
@@ -131,8 +132,8 @@ class _TfdsExamples(Documents):
   def __getitem__(self, index: int) -> Piece:
     if self._spans is None:
       return self.text(index), True
-    example, start, end, last = self._spans[index]
-    return self.text(example)[start:end], last
+    example, start, stop, last = self._spans[index].tolist()
+    return self.text(example)[start:stop], last
 
   def text(self, example: int) -> str:
     if self._cached is None or self._cached[0] != example:
@@ -141,6 +142,28 @@ class _TfdsExamples(Documents):
 
   def __getstate__(self) -> dict:  # the cache stays behind when pickled into a worker
     return {**self.__dict__, "_cached": None}
+
+
+_SPANS = np.dtype([("example", "<i8"), ("start", "<i8"), ("stop", "<i8"), ("last", "?")])
+
+
+def _cut_examples(examples: _Examples, lengths: np.ndarray, max_chars: int) -> _Examples:
+  """`examples` with every one longer than max_chars characters cut into pieces (`chunk_spans`)."""
+  long = np.flatnonzero(lengths > max_chars)
+  if not len(long):
+    return examples
+  cuts = {int(e): chunk_spans(examples.text(int(e)), max_chars) for e in long}
+  counts = np.ones(len(lengths), np.int64)
+  counts[long] = [len(cuts[int(e)]) for e in long]
+  spans = np.zeros(int(counts.sum()), _SPANS)
+  spans["example"] = np.repeat(np.arange(len(lengths)), counts)
+  spans["stop"] = np.repeat(lengths, counts)
+  ends = np.cumsum(counts) - 1
+  spans["last"][ends] = True
+  for e, pieces in cuts.items():
+    first = ends[e] - len(pieces) + 1
+    spans["start"][first:ends[e] + 1], spans["stop"][first:ends[e] + 1] = zip(*pieces)
+  return _Examples(examples.name, examples._source, examples._field, spans)
 
 
 def _decode(value: bytes | str, where: str) -> str:
@@ -330,7 +353,7 @@ def _tfds_builder(name: str, data_dir: str):
   return builder
 
 
-def _tfds_examples(name: str, split: str, data: DataConfig) -> _TfdsExamples:
+def _tfds_examples(name: str, split: str, data: DataConfig) -> _Examples:
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data.tfds_data_dir)
   label = f"tfds:{name}:{split}"
@@ -346,23 +369,23 @@ def _tfds_examples(name: str, split: str, data: DataConfig) -> _TfdsExamples:
   else:
     source = builder.as_data_source(split=split)
   chunk = _chunk_chars(data)
-  examples = _TfdsExamples(label, source, data.text_field, None)
+  examples = _Examples(label, source, data.text_field, None)
   split_bytes = sum(builder.info.splits[n].num_bytes for n in names)
   split_examples = sum(builder.info.splits[n].num_examples for n in names)
   if split_examples and split_bytes / split_examples > chunk:  # giant examples: cut them
-    spans = []
-    for example in range(len(source)):
-      cuts = chunk_spans(examples.text(example), chunk)
-      spans += [(example, a, b, i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)]
-    examples = _TfdsExamples(label, source, data.text_field, spans)
+    examples = _cut_examples(examples, np.array([len(examples.text(e)) for e in range(len(source))]), chunk)
   return examples
+
+
+def _need_tensorflow(name: str) -> None:
+  if importlib.util.find_spec("tensorflow") is None:
+    raise DataError(f"TFDS dataset {name} is stored as tfrecord, which needs TensorFlow to read: "
+                    "pip install 'llm-jax[tf]' (or rebuild it with --file_format=array_record)")
 
 
 def _read_tfrecord(builder, name: str, split: str, field: str) -> list[dict]:
   """tfrecord datasets have no random access: read the split through tf.data, into memory."""
-  if importlib.util.find_spec("tensorflow") is None:
-    raise DataError(f"TFDS dataset {name} is stored as tfrecord, which needs TensorFlow to read: "
-                    "pip install 'llm-jax[tf]' (or rebuild it with --file_format=array_record)")
+  _need_tensorflow(name)
   import tensorflow_datasets as tfds
   return [{field: example[field]} for example in tfds.as_numpy(builder.as_dataset(split=split))]
 
@@ -414,14 +437,140 @@ def _tiny_shakespeare_builder(source_file: str | None, data_dir: str, file_forma
   return OfflineTinyShakespeare(data_dir=data_dir or None, file_format=file_format)
 
 
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _hf_spec(rest: str) -> tuple[str, str]:
+  """hf:PATH_OR_NAME[:SPLIT] -> (path or name, split or "")."""
+  path, sep, split = rest.rpartition(":")
+  return (path, split) if sep and path and split and "/" not in split else (rest, "")
+
+
+def _hf_local_files(path: str) -> list[str]:
+  return sorted(p for p in glob.glob(os.path.expanduser(path)) if p.endswith((".parquet", ".arrow")))
+
+
+def _hf_splits(path: str) -> list[str]:
+  """The splits of a local save_to_disk DatasetDict folder (none for anything else)."""
+  folder = pathlib.Path(path).expanduser()
+  if not (folder / "dataset_dict.json").is_file():
+    return []
+  return json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+
+
+def _hf_dataset(rest: str, default_split: str):
+  """A `datasets.Dataset`: a save_to_disk folder, parquet or arrow files (offline), or a hub name (online)."""
+  path, split = _hf_spec(rest)
+  if importlib.util.find_spec("datasets") is None:
+    raise DataError(f"data source hf:{rest} needs the datasets library: pip install 'llm-jax[data]'")
+  import datasets
+  datasets.logging.disable_progress_bar()
+  folder = pathlib.Path(path).expanduser()
+  if folder.is_dir() and (folder / "dataset_dict.json").is_file():
+    splits = _hf_splits(path)
+    split = split or default_split
+    if split not in splits:
+      raise DataError(f"hf:{path} has no split {split!r} (it has {splits}); write hf:{path}:SPLIT")
+    return datasets.load_from_disk(str(folder / split))
+  if folder.is_dir() and (folder / "dataset_info.json").is_file():
+    return datasets.load_from_disk(str(folder))
+  files = _hf_local_files(path)
+  if files and all(f.endswith(".arrow") for f in files):
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+  if files and all(f.endswith(".parquet") for f in files):
+    return datasets.Dataset.from_parquet(files, split="train", keep_in_memory=False)
+  if folder.exists() or files or path.startswith((".", "/", "~")):
+    raise DataError(f"hf:{path} is neither a datasets save_to_disk folder nor .parquet or .arrow files; save it "
+                    "with Dataset.save_to_disk(DIR) and pass hf:DIR")
+  if not _online("huggingface.co"):
+    raise DataError(f"hf:{path} is not a local folder and the Hugging Face hub is unreachable (offline); on a machine "
+                    f"with network run datasets.load_dataset({path!r}).save_to_disk(DIR), copy DIR here and pass hf:DIR")
+  return datasets.load_dataset(path, split=split or default_split)
+
+
+def _hf_texts(rest: str, default_split: str, field: str):
+  """The dataset with its text column alone (reading a row then decodes nothing else)."""
+  dataset = _hf_dataset(rest, default_split)
+  if field not in dataset.column_names:
+    raise DataError(f"hf:{rest} has no column {field!r} (it has {dataset.column_names}); set data.text_field")
+  return dataset.select_columns([field])
+
+
+def _hf_examples(rest: str, default_split: str, data: DataConfig) -> _Examples:
+  dataset = _hf_texts(rest, default_split, data.text_field)
+  import pyarrow.compute as pc
+  lengths = pc.utf8_length(dataset.data.column(data.text_field)).to_numpy(zero_copy_only=False)
+  return _cut_examples(_Examples(f"hf:{rest}", dataset, data.text_field, None), lengths, _chunk_chars(data))
+
+
+# ----------------------------------------------------------------------------- whole documents (llm-jax data tokenize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A share of a source's documents that one tokenize worker reads on its own, in order: a file (text:,
+  jsonl:), a range of examples (tfds:, hf:), or a whole tfrecord split streamed through tf.data."""
+
+  label: str  # what the manifest calls it
+  file: str = ""
+  start: int = 0
+  stop: int = -1
+
+
+def parts(data: DataConfig, examples_per_part: int) -> list[Part]:
+  """`data.source` cut into parts whose documents, concatenated in order, are those `load` cuts into pieces."""
+  scheme, rest = _parse(data.source)
+  if data.format != "text" or scheme not in ("text", "jsonl", "tfds", "hf"):
+    raise DataError(f"llm-jax data tokenize reads documents (text:, jsonl:, tfds: or hf: with data.format=text), "
+                    f"not {data.source!r} with data.format={data.format}")
+  if scheme in ("text", "jsonl"):
+    return [Part(str(path), file=str(path)) for path in _files(scheme, rest)]
+  source, streamed = _example_source(data)
+  if streamed:
+    return [Part(data.source)]
+  bounds = list(range(0, len(source), examples_per_part)) + [len(source)]
+  return [Part(f"examples {a}:{b}", start=a, stop=b) for a, b in zip(bounds, bounds[1:])]
+
+
+def part_documents(part: Part, data: DataConfig) -> Iterator[str]:
+  """The documents of `part`, one at a time."""
+  scheme, rest = _parse(data.source)
+  if part.file:
+    yield from (doc.text for doc in textfiles.documents(pathlib.Path(part.file), scheme, data.text_split,
+                                                        data.text_field, DataError))
+    return
+  source, streamed = _example_source(data)
+  indices = range(part.start, part.stop) if not streamed else itertools.count()
+  for index, example in zip(indices, source if streamed else (source[i] for i in range(part.start, part.stop))):
+    yield _decode(example[data.text_field], f"{data.source} example {index}")
+
+
+def _example_source(data: DataConfig) -> tuple[Any, bool]:
+  """The examples of a tfds: or hf: source, by index; or, for a tfrecord split, an iterator (True)."""
+  scheme, rest = _parse(data.source)
+  if scheme == "hf":
+    return _hf_texts(rest, "train", data.text_field), False
+  match = _TFDS_SPEC.match(rest)
+  if not match:
+    raise DataError(f"data source {data.source!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
+  name, split = match["name"], match["split"] or "train"
+  builder = _tfds_builder(name, data.tfds_data_dir)
+  import tensorflow_datasets as tfds
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    _need_tensorflow(name)
+    return tfds.as_numpy(builder.as_dataset(split=split)), True
+  return builder.as_data_source(split=split), False
+
+
 # ----------------------------------------------------------------------------- selection
 
 
 def _parse(spec: str) -> tuple[str, str]:
   scheme, sep, rest = spec.partition(":")
-  if not sep or scheme not in ("tfds", "text", "jsonl", "json", "tsv") or not rest:
-    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB (or json:GLOB, "
-                    "with data.format=alpaca or chat; tsv:GLOB with data.format=classification)")
+  if not sep or scheme not in ("tfds", "text", "jsonl", "json", "tsv", "hf", "tokens") or not rest:
+    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB, hf:PATH_OR_NAME[:SPLIT] "
+                    "or tokens:DIR (or json:GLOB, with data.format=alpaca or chat; tsv:GLOB with "
+                    "data.format=classification)")
   return scheme, rest
 
 
@@ -446,6 +595,10 @@ def _open(spec: str, data: DataConfig, default_split: str, num_classes: int = 0)
     if not match:
       raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
     return _tfds_examples(match["name"], match["split"] or default_split, data)
+  if scheme == "hf":
+    return _hf_examples(rest, default_split, data)
+  if scheme == "tokens":
+    return shards.TokenShards(spec, rest)
   return textfiles.FilePieces(spec, _files(scheme, rest), scheme, data.text_split, data.text_field, _chunk_chars(data),
                               DataError)
 
@@ -456,6 +609,8 @@ def _own_validation(data: DataConfig) -> str | None:
   match = _TFDS_SPEC.match(rest) if scheme == "tfds" else None
   if match and _has_split(match["name"], "validation", data.tfds_data_dir):
     return f"tfds:{match['name']}:validation"
+  if scheme == "hf" and not _hf_spec(rest)[1] and "validation" in _hf_splits(_hf_spec(rest)[0]):
+    return f"hf:{rest}:validation"
   return None
 
 
@@ -493,6 +648,13 @@ def load(data: DataConfig, split: str, num_classes: int = 0) -> Documents:
   if not len(eval_indices):
     return docs
   return _Subset(docs.name, docs, np.setdiff1d(np.arange(len(docs)), eval_indices))
+
+
+def token_shards(docs: Documents) -> shards.TokenShards | None:
+  """The tokens:DIR source under `docs` (a split of it), or None when `docs` holds text."""
+  while isinstance(docs, _Subset):
+    docs = docs.parent
+  return docs if isinstance(docs, shards.TokenShards) else None
 
 
 def _check_nonempty(docs: Documents) -> Documents:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llm_jax import sharding
 from llm_jax.config import DataConfig
-from llm_jax.data import examples, packing, sources, templates
+from llm_jax.data import examples, mixture, packing, shards, sources, templates
 from llm_jax.data.sources import DataError, Documents
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -354,6 +355,26 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if split not in ("train", "eval"):  # a test split is read once, whole: one_pass
     raise DataError(f"split {split!r}: expected train or eval")
   rows = _local_rows(batch_size, mesh)
+  if data.mixture and not (split == "eval" and data.eval_source):
+    dataset, header, truncated = _mixed_rows(data, tokenizer, rows, batch_size, seed, split)
+  else:
+    dataset, header, truncated = _source_rows(data, tokenizer, rows, batch_size, seed, split, num_classes)
+  workers = min(data.worker_count, len(rows))
+  if workers:
+    _parse_absl_flags()
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, data.prefetch))
+    dataset = _MergedParts(dataset.mp_prefetch(options), workers)
+  if mesh is not None:
+    dataset = dataset.map(functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size))
+  dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
+  header.update(split=split, seq_len=data.seq_len, batch_size=batch_size, seed=seed if split == "train" else None,
+                vocab_size=tokenizer.vocab_size)
+  return BatchIterator(dataset, header, rows, truncated)
+
+
+def _source_rows(data: DataConfig, tokenizer: Tokenizer, rows: list[int], batch_size: int, seed: int, split: str,
+                 num_classes: int) -> tuple[packing.PackedRows, dict[str, Any], int]:
+  """The rows of data.source's `split`, the resume header's source fields, and the examples cut to fit."""
   docs = sources.load(data, split, num_classes)
   try:
     template = "classification" if data.format == "classification" else templates.from_config(data, tokenizer)
@@ -363,27 +384,47 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if (token_source := sources.token_shards(docs)) is not None:
     token_source.check_tokenizer(tokenizer)
     template = "tokens"
-  if template == "tokens":
+  if template in (None, "tokens"):
     _check_size(docs, tokenizer, batch_size * data.seq_len, split)
   elif template == "classification":
     truncated = _fit_sentences(docs, tokenizer, data.seq_len, batch_size * data.seq_len, split)
-  elif template is None:
-    _check_size(docs, tokenizer, batch_size * data.seq_len, split)
   else:
     truncated = _fit_examples(docs, template, tokenizer, data.seq_len, batch_size * data.seq_len, split)
   ordered = grain.MapDataset.source(docs)
   ordered = ordered.shuffle(seed=seed % 2**32).repeat() if split == "train" else ordered.repeat()
-  dataset = packing.PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len, template)
-  workers = min(data.worker_count, len(rows))
-  if workers:
-    _parse_absl_flags()
-    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, data.prefetch))
-    dataset = _MergedParts(dataset.mp_prefetch(options), workers)
-  if mesh is not None:
-    dataset = dataset.map(functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size))
-  dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
-  header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
-            "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
+  header = {"data": docs.name, "pieces": len(docs)}
   if template not in (None, "tokens"):  # text runs keep the header (and so the checkpoints) they always had
     header.update(format=data.format, template=getattr(template, "name", template))
-  return BatchIterator(dataset, header, rows, truncated)
+  return packing.PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len, template), header, truncated
+
+
+def _mixed_rows(data: DataConfig, tokenizer: Tokenizer, rows: list[int], batch_size: int, seed: int,
+                split: str) -> tuple[mixture.MixedRows, dict[str, Any], int]:
+  """Rows of data.mixture: each source's own `split` (its held-out share or validation split), packed
+  alone, and interleaved by weight (`mixture.py`)."""
+  if data.format != "text":
+    raise DataError(f"data.mixture mixes documents (data.format=text), not {data.format} records; train on one "
+                    "source or merge the record files")
+  _check_same_tokenizer(data.mixture)
+  parts, names, pieces = [], [], []
+  for i, (source, _) in enumerate(data.mixture):
+    one = dataclasses.replace(data, source=source, mixture=())
+    part, header, _ = _source_rows(one, tokenizer, rows, batch_size, seed + i, split, 0)
+    parts.append(part)
+    names.append(header["data"])
+    pieces.append(header["pieces"])
+  weights = [weight for _, weight in data.mixture]
+  header = {"data": [[name, weight] for name, weight in zip(names, weights)], "pieces": pieces}
+  return mixture.MixedRows(parts, weights, seed if split == "train" else 0, rows), header, 0
+
+
+def _check_same_tokenizer(pairs: Sequence[tuple[str, float]]) -> None:
+  """Refuses, in one line, a mixture of token shards written by different tokenizers."""
+  made = {}
+  for source, _ in pairs:
+    if source.startswith("tokens:"):
+      made.setdefault(shards.read_manifest(source.partition(":")[2])["tokenizer"]["fingerprint"], source)
+  if len(made) > 1:
+    first, second = list(made.values())[:2]
+    raise DataError(f"data.mixture mixes {first} and {second}, which were tokenized with different tokenizers; "
+                    "tokenize every source with the one data.tokenizer of the run")

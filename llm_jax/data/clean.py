@@ -16,8 +16,8 @@ see one document at a time, so they run in the tokenize workers, which also comp
 signatures; deduplication keeps the first of equal or similar documents in source order, so it
 runs in one process, in order, and a rerun drops exactly the same documents.
 
-Near-deduplication holds every kept document's signature bands in memory (about 2 KB a document
-with 128 permutations); exact deduplication holds 16 bytes a document.
+Near-deduplication holds every kept document's signature and its LSH bands in memory (about 3 KB a
+document with 128 permutations); exact deduplication holds 16 bytes a document.
 """
 
 from __future__ import annotations
@@ -114,18 +114,23 @@ def _empty_minhash(num_perm: int):
 
 
 class Deduplicator:
-  """Keeps the first of equal (by digest) or similar (by MinHash LSH) documents, seen in source order."""
+  """Keeps the first of equal (by digest) or similar (by MinHash) documents, seen in source order.
+
+  LSH finds candidates at a threshold of at most 0.9 (above that 128 permutations leave too few
+  bands), and a candidate counts when its estimated Jaccard similarity reaches the threshold
+  asked: so any threshold below 1 works, and LSH's false positives are not dropped.
+  """
 
   def __init__(self, options: CleanOptions):
     self._options = options
     self._seen: set[bytes] = set()
     self._lsh = None
+    self._kept: list[np.ndarray] = []  # signatures of the documents kept, by LSH key
     if options.near_threshold:
       from datasketch import MinHashLSH
-      self._lsh = MinHashLSH(threshold=options.near_threshold, num_perm=options.num_perm)
-    self._kept = 0
+      self._lsh = MinHashLSH(threshold=min(options.near_threshold, 0.9), num_perm=options.num_perm)
 
-  def drop_reason(self, doc_digest: bytes | None, doc_signature: np.ndarray | None) -> str | None:
+  def drop_reason(self, doc_digest: bytes, doc_signature: np.ndarray | None) -> str | None:
     """"exact_duplicates" or "near_duplicates" when the document goes, else None (and it is remembered)."""
     if self._options.exact:
       if doc_digest in self._seen:
@@ -134,8 +139,9 @@ class Deduplicator:
     if self._lsh is not None:
       from datasketch import LeanMinHash
       minhash = LeanMinHash(seed=_SEED, hashvalues=doc_signature, scheme=_empty_minhash(self._options.num_perm).scheme)
-      if self._lsh.query(minhash):
-        return "near_duplicates"
-      self._lsh.insert(self._kept, minhash, check_duplication=False)
-    self._kept += 1
+      for key in self._lsh.query(minhash):
+        if np.mean(self._kept[key] == doc_signature) >= self._options.near_threshold:
+          return "near_duplicates"
+      self._lsh.insert(len(self._kept), minhash, check_duplication=False)
+      self._kept.append(doc_signature)
     return None

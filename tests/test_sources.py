@@ -98,8 +98,8 @@ def test_tfds_errors(tfds_dir):
     load("tfds:tiny_shakespeare", text_field="content")
   with pytest.raises(DataError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
     load("tfds:no_such_dataset_xyz")
-  with pytest.raises(DataError, match=r"expected tfds:NAME\[:SPLIT\], text:GLOB or jsonl:GLOB"):
-    load("hf:some/dataset")
+  with pytest.raises(DataError, match=r"expected tfds:NAME\[:SPLIT\], text:GLOB, jsonl:GLOB, hf:PATH_OR_NAME"):
+    load("s3:some/dataset")
 
 
 def test_missing_tfds_dataset_offline_names_the_prepare_command(tmp_path):

@@ -111,7 +111,7 @@ Mixture = tuple[tuple[str, float], ...]  # data.mixture: (source, weight) pairs
 class DataConfig:
   """Where text comes from and how it becomes token rows."""
 
-  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB or json:GLOB (data.format)
+  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB, hf:PATH[:SPLIT], tokens:DIR, json:GLOB
   eval_source: str = ""  # "" = the dataset's validation split, or a held-out fraction of files
   test_source: str = ""  # classification: a tsv: file evaluated once, whole, at the end of the run (test_accuracy)
   eval_fraction: float = 0.1  # local files: share of documents held out for evaluation

@@ -17,7 +17,8 @@ one process would build; grain workers split a process's slots the same way. The
 is two integers per slot (the piece index and the tokens of it already used), so `set_state`
 resumes exactly, without replaying the past.
 
-The rows themselves (packing, instruction examples, classification) are made in `packing.py`.
+The rows themselves (packing, instruction examples, classification) are made in `packing.py`;
+a `data.mixture` deals each slot's rows among several sources' streams (`mixture.py`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ that the pipeline shuffles, tokenizes and packs; with data.format alpaca or chat
 - `text:GLOB`: one document per file, or per block of lines between blank lines
   (`data.text_split`); files are read as strict UTF-8, and a bad byte is reported with its offset.
 - `jsonl:GLOB`: one document per line, the string field `data.text_field`.
+- `hf:PATH_OR_NAME[:SPLIT]`: a Hugging Face `datasets` dataset (a save_to_disk folder, .parquet or
+  .arrow files; a hub name only online), one document per row, the column `data.text_field`.
+- `tokens:DIR`: pieces tokenized ahead by `llm-jax data tokenize` (`shards.py`), as token id arrays.
 - `json:GLOB` (a JSON array of records per file) or `jsonl:GLOB` (a record per line), with
   `data.format=alpaca`: records `{"instruction", "input", "output"}` (input may be empty or absent);
   with `data.format=chat`: records `{"messages": [{"role", "content"}, ...]}`, roles system, user and

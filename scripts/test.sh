@@ -2,7 +2,7 @@
 # The test command: set up .venv with the dev, hf and data extras, then run the whole suite.
 #   bash scripts/test.sh [pytest args]
 # First, in a second environment (.venv-tf) with the tf extra, the one test that needs
-# TensorFlow (tfrecord through tf.data); the main environment has no TensorFlow on purpose,
+# TensorFlow (tfrecord datasets that TensorFlow writes); the main environment has no TensorFlow on purpose,
 # because the offline TFDS path must be shown to work without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,8 +5,7 @@ that the pipeline shuffles, tokenizes and packs; with data.format alpaca or chat
 `templates.Conversation`s instead, one per record. Sources:
 
 - `tfds:NAME[:SPLIT]` (`data.tfds_data_dir`): array_record datasets through `tfds.data_source`,
-  with no TensorFlow needed; datasets stored as tfrecord go through tf.data, which needs the
-  `tf` extra. A missing dataset is downloaded when the machine is online; offline, the error names
+  tfrecord ones through an index of record offsets (`TfrecordExamples`); neither needs TensorFlow. A missing dataset is downloaded when the machine is online; offline, the error names
   `llm-jax data prepare`, which builds tiny_shakespeare from a local copy of its input.txt.
 - `text:GLOB`: one document per file, or per block of lines between blank lines
   (`data.text_split`); files are read as strict UTF-8, and a bad byte is reported with its offset.
@@ -46,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
-import itertools
 import json
 import os
 import pathlib
@@ -367,10 +365,7 @@ def _tfds_examples(name: str, split: str, data: DataConfig) -> _Examples:
   unknown = [n for n in names if n not in builder.info.splits]
   if unknown or not names:
     raise DataError(f"{label}: no split {', '.join(unknown) or split!r}; {name} has {sorted(builder.info.splits)}")
-  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
-    source = _read_tfrecord(builder, name, split, data.text_field)
-  else:
-    source = builder.as_data_source(split=split)
+  source = _split_examples(builder, split)
   chunk = _chunk_chars(data)
   examples = _Examples(label, source, data.text_field, None)
   split_bytes = sum(builder.info.splits[n].num_bytes for n in names)
@@ -380,17 +375,56 @@ def _tfds_examples(name: str, split: str, data: DataConfig) -> _Examples:
   return examples
 
 
-def _need_tensorflow(name: str) -> None:
-  if importlib.util.find_spec("tensorflow") is None:
-    raise DataError(f"TFDS dataset {name} is stored as tfrecord, which needs TensorFlow to read: "
-                    "pip install 'llm-jax[tf]' (or rebuild it with --file_format=array_record)")
-
-
-def _read_tfrecord(builder, name: str, split: str, field: str) -> list[dict]:
-  """tfrecord datasets have no random access: read the split through tf.data, into memory."""
-  _need_tensorflow(name)
+def _split_examples(builder, split: str) -> Sequence[dict]:
+  """A TFDS split by index: array_record through `tfds.data_source`, tfrecord through `TfrecordExamples`."""
   import tensorflow_datasets as tfds
-  return [{field: example[field]} for example in tfds.as_numpy(builder.as_dataset(split=split))]
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    return TfrecordExamples(builder, split)
+  return builder.as_data_source(split=split)
+
+
+class TfrecordExamples(Sequence[dict]):
+  """The examples of a tfrecord TFDS split by index, without TensorFlow and without reading them all.
+
+  tfrecord has no index, so one pass over each file's 12-byte record headers (length, CRC) finds
+  where every record starts (16 bytes an example, kept); a record is then read with one `pread`
+  and decoded by the dataset's own features (`deserialize_example_np`, as TFDS's array_record data
+  source does). CRCs are not checked.
+  """
+
+  def __init__(self, builder, split: str):
+    self._features = builder.info.features
+    self._files, parts = [], []
+    for k, instruction in enumerate(builder.info.splits[split].file_instructions):
+      records = _record_spans(instruction.filename)
+      take = instruction.take if instruction.take >= 0 else len(records) - instruction.skip
+      parts.append(np.column_stack([np.full(take, k), records[instruction.skip:instruction.skip + take]]))
+      self._files.append(instruction.filename)
+    self._index = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    self._fds: dict[int, int] = {}
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, index: int) -> dict:
+    file, start, size = self._index[index].tolist()
+    if file not in self._fds:
+      self._fds[file] = os.open(self._files[file], os.O_RDONLY)
+    return self._features.deserialize_example_np(os.pread(self._fds[file], size, start))
+
+  def __getstate__(self) -> dict:  # file descriptors stay behind when pickled into a worker
+    return {**self.__dict__, "_fds": {}}
+
+
+def _record_spans(path: str) -> np.ndarray:
+  """(data offset, length) of every record of a tfrecord file: length uint64, its CRC, data, the data's CRC."""
+  spans = []
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      length = int.from_bytes(header[:8], "little")
+      spans.append((f.tell(), length))
+      f.seek(length + 4, os.SEEK_CUR)
+  return np.array(spans, np.int64).reshape(-1, 2)
 
 
 def _has_split(name: str, split: str, data_dir: str) -> bool:
@@ -512,7 +546,7 @@ def _hf_examples(rest: str, default_split: str, data: DataConfig) -> _Examples:
 @dataclasses.dataclass(frozen=True)
 class Part:
   """A share of a source's documents that one tokenize worker reads on its own, in order: a file (text:,
-  jsonl:), a range of examples (tfds:, hf:), or a whole tfrecord split streamed through tf.data."""
+  jsonl:) or a range of examples (tfds:, hf:)."""
 
   label: str  # what the manifest calls it
   file: str = ""
@@ -528,9 +562,7 @@ def parts(data: DataConfig, examples_per_part: int) -> list[Part]:
                     f"not {data.source!r} with data.format={data.format}")
   if scheme in ("text", "jsonl"):
     return [Part(str(path), file=str(path)) for path in _files(scheme, rest)]
-  source, streamed = _example_source(data)
-  if streamed:
-    return [Part(data.source)]
+  source = _example_source(data)
   bounds = list(range(0, len(source), examples_per_part)) + [len(source)]
   return [Part(f"examples {a}:{b}", start=a, stop=b) for a, b in zip(bounds, bounds[1:])]
 
@@ -542,27 +574,20 @@ def part_documents(part: Part, data: DataConfig) -> Iterator[str]:
     yield from (doc.text for doc in textfiles.documents(pathlib.Path(part.file), scheme, data.text_split,
                                                         data.text_field, DataError))
     return
-  source, streamed = _example_source(data)
-  indices = range(part.start, part.stop) if not streamed else itertools.count()
-  for index, example in zip(indices, source if streamed else (source[i] for i in range(part.start, part.stop))):
-    yield _decode(example[data.text_field], f"{data.source} example {index}")
+  source = _example_source(data)
+  for index in range(part.start, part.stop):
+    yield _decode(source[index][data.text_field], f"{data.source} example {index}")
 
 
-def _example_source(data: DataConfig) -> tuple[Any, bool]:
-  """The examples of a tfds: or hf: source, by index; or, for a tfrecord split, an iterator (True)."""
+def _example_source(data: DataConfig) -> Sequence[dict]:
+  """The examples of a tfds: or hf: source, by index."""
   scheme, rest = _parse(data.source)
   if scheme == "hf":
-    return _hf_texts(rest, "train", data.text_field), False
+    return _hf_texts(rest, "train", data.text_field)
   match = _TFDS_SPEC.match(rest)
   if not match:
     raise DataError(f"data source {data.source!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
-  name, split = match["name"], match["split"] or "train"
-  builder = _tfds_builder(name, data.tfds_data_dir)
-  import tensorflow_datasets as tfds
-  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
-    _need_tensorflow(name)
-    return tfds.as_numpy(builder.as_dataset(split=split)), True
-  return builder.as_data_source(split=split), False
+  return _split_examples(_tfds_builder(match["name"], data.tfds_data_dir), match["split"] or "train")
 
 
 # ----------------------------------------------------------------------------- selection

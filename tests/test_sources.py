@@ -131,9 +131,9 @@ def test_tfrecord_dataset_reads_by_index_without_tensorflow(tfds_dir, tmp_path):
   for split in ("train", "validation+test"):
     want = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(tfds_dir)), "train")
     got = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(copy)), "train")
-    assert isinstance(got.parent._source, sources.TfrecordExamples)
+    assert isinstance(got._source, sources.TfrecordExamples)
     order = list(reversed(range(len(want))))
-    assert [got[i] for i in order] == [want[i] for i in order] and len(got) == len(want) > 100
+    assert [got[i] for i in order] == [want[i] for i in order] and len(got) == len(want) > 10
 
 
 def test_prepare_errors(tmp_path):

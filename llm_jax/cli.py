@@ -55,6 +55,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_data_tokenize(args: argparse.Namespace) -> int:
+  from llm_jax.data import clean, pretokenize
+  data = config_lib.DataConfig(source=args.source, text_field=args.text_field, text_split=args.text_split,
+                               chunk_chars=args.chunk_chars, tfds_data_dir=args.tfds_data_dir)
+  options = clean.CleanOptions(args.normal_form, not args.keep_control, args.min_chars, args.max_chars,
+                               not args.keep_duplicates, args.near_threshold) if args.clean else None
+  manifest = pretokenize.tokenize(data, args.tokenizer, args.out, workers=args.workers, options=options,
+                                  examples_per_shard=args.examples_per_shard)
+  print(json.dumps({"out": args.out, **manifest["totals"], "shards": len(manifest["shards"])}))
+  return 0
+
+
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   """The prompts of `generate`: --prompt, then each non-blank line of --prompts-file.
 
@@ -168,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--from-file", required=True)
   d.add_argument("--data-dir", required=True)
   d.set_defaults(handler=_cmd_data)
+  d = data.add_parser("tokenize", help="tokenize a source once into ArrayRecord shards (train with data.source=tokens:DIR)")
+  d.add_argument("--source", required=True, help="text:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT] or hf:PATH_OR_NAME[:SPLIT]")
+  d.add_argument("--tokenizer", required=True, help="byte, a sentencepiece .model, or a Hugging Face tokenizer.json")
+  d.add_argument("--out", required=True, help="an empty folder, or one an interrupted run left (it resumes)")
+  d.add_argument("--workers", type=int, default=1, help="processes tokenizing parts (files) in parallel")
+  d.add_argument("--chunk-chars", type=int, default=8192,
+                 help="documents longer than this are cut into pieces, as data.chunk_chars does (32 x data.seq_len)")
+  d.add_argument("--text-field", default="text", help="jsonl:, tfds: and hf: sources: the field holding the text")
+  d.add_argument("--text-split", default="file", choices=("file", "blank_line"), help="text: documents")
+  d.add_argument("--tfds-data-dir", default="")
+  d.add_argument("--examples-per-shard", type=int, default=100_000, help="tfds: and hf: sources")
+  d.add_argument("--clean", action="store_true", help="normalize, remove control characters, drop documents out of "
+                 "the length range, exact and near duplicates (each counted in the manifest)")
+  d.add_argument("--normal-form", default="NFC", choices=("NFC", "NFKC", "none"))
+  d.add_argument("--keep-control", action="store_true", help="--clean without control-character removal")
+  d.add_argument("--min-chars", type=int, default=1)
+  d.add_argument("--max-chars", type=int, default=0, help="0: no upper bound")
+  d.add_argument("--keep-duplicates", action="store_true", help="--clean without exact deduplication")
+  d.add_argument("--near-threshold", type=float, default=0.8,
+                 help="MinHash Jaccard similarity from which a document is a near duplicate; 0 keeps them")
+  d.set_defaults(handler=_cmd_data_tokenize)
 
   p = sub.add_parser("generate", help="sample text from a trained or converted model")
   p.add_argument("--workdir", required=True, help="a run's workdir or a checkpoint")

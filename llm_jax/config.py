@@ -11,12 +11,14 @@ Errors are `ConfigError` with a one-line message that names the key and the fix.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
 import json
 import math
 import pathlib
+import re
 import typing
 from typing import Any
 
@@ -102,11 +104,14 @@ class OptimConfig:
   grad_clip: float = 1.0  # global-norm clip; 0 disables
 
 
+Mixture = tuple[tuple[str, float], ...]  # data.mixture: (source, weight) pairs
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where text comes from and how it becomes token rows."""
 
-  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB or json:GLOB (data.format)
+  source: str = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB, hf:PATH[:SPLIT], tokens:DIR, json:GLOB
   eval_source: str = ""  # "" = the dataset's validation split, or a held-out fraction of files
   test_source: str = ""  # classification: a tsv: file evaluated once, whole, at the end of the run (test_accuracy)
   eval_fraction: float = 0.1  # local files: share of documents held out for evaluation
@@ -122,6 +127,7 @@ class DataConfig:
   #                        or "classification" (tsv: rows of sentence<TAB>label, labels 0..model.num_classes-1)
   template: str = "alpaca"  # alpaca/chat: the prompt template, "alpaca", "chatml" or "tokenizer" (its HF chat template)
   chat_template: str = ""  # template=tokenizer: "" = the tokenizer's own; or a tokenizer_config.json, .jinja or folder
+  mixture: Mixture = ()  # [(SOURCE, WEIGHT), ...]: each row from one source, drawn by weight; () = data.source alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +216,8 @@ def _field_type(section_cls: type, name: str) -> type:
 
 
 def _parse(key: str, text: str, kind: type) -> Any:
+  if kind == Mixture:
+    return _mixture(key, _mixture_text(key, text))
   try:
     if kind is bool:
       lowered = text.strip().lower()
@@ -227,8 +235,38 @@ def _parse(key: str, text: str, kind: type) -> Any:
     raise ConfigError(f"{key}={text!r}: expected {kind.__name__}") from None
 
 
+def _mixture_text(key: str, text: str) -> Any:
+  """`[(SOURCE, WEIGHT), ...]` as a Python literal, or with the sources unquoted: [(text:a/*.txt, 0.8), ...]."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    pairs = re.findall(r"\(\s*([^()]+?)\s*,\s*([^,()]+?)\s*\)", text)
+    if not pairs:
+      raise ConfigError(f"{key}={text!r}: expected [(SOURCE, WEIGHT), ...], e.g. [(tokens:web, 0.8), (tokens:code, 0.2)]")
+    return [(source.strip("'\""), weight) for source, weight in pairs]
+
+
+def _mixture(key: str, value: Any) -> tuple[tuple[str, float], ...]:
+  """(source, weight) pairs, each weight a positive number."""
+  pairs = []
+  for item in value if isinstance(value, (list, tuple)) else [value]:
+    if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+      raise ConfigError(f"{key}: {item!r} is not a (SOURCE, WEIGHT) pair; write [(tokens:web, 0.8), (tokens:code, 0.2)]")
+    try:
+      weight = float(item[1])
+    except (TypeError, ValueError):
+      raise ConfigError(f"{key}: the weight of {item[0]} is {item[1]!r}, not a number") from None
+    if not weight > 0 or math.isinf(weight):
+      raise ConfigError(f"{key}: {item[0]} has weight {item[1]}; weights must be positive numbers (leave a source "
+                        "out rather than give it 0)")
+    pairs.append((item[0], weight))
+  return tuple(pairs)
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
   """Checks a Python value (from a config file or JSON) against the field's type."""
+  if kind == Mixture:
+    return _mixture(key, value)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

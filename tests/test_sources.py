@@ -98,8 +98,8 @@ def test_tfds_errors(tfds_dir):
     load("tfds:tiny_shakespeare", text_field="content")
   with pytest.raises(DataError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
     load("tfds:no_such_dataset_xyz")
-  with pytest.raises(DataError, match=r"expected tfds:NAME\[:SPLIT\], text:GLOB or jsonl:GLOB"):
-    load("hf:some/dataset")
+  with pytest.raises(DataError, match=r"expected tfds:NAME\[:SPLIT\], text:GLOB, jsonl:GLOB, hf:PATH_OR_NAME"):
+    load("s3:some/dataset")
 
 
 def test_missing_tfds_dataset_offline_names_the_prepare_command(tmp_path):
@@ -112,13 +112,28 @@ def test_missing_tfds_dataset_offline_names_the_prepare_command(tmp_path):
   assert f"llm-jax data prepare tiny_shakespeare --from-file input.txt --data-dir {tmp_path}" in message
 
 
-def test_tfrecord_dataset_without_tensorflow_says_how_to_install_it(tfds_dir, tmp_path):
+def test_tfrecord_dataset_reads_by_index_without_tensorflow(tfds_dir, tmp_path):
+  """The prepared array_record dataset rewritten as real tfrecord files (tensorboardX writes the format, CRCs
+  included), with its dataset_info saying so: it reads the same pieces, at random, with no TensorFlow."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  from tensorboardX.record_writer import RecordWriter
   copy = tmp_path / "tfds"
   shutil.copytree(tfds_dir, copy)
-  info_path = copy / "tiny_shakespeare" / "1.0.0" / "dataset_info.json"
-  info_path.write_text(info_path.read_text().replace('"array_record"', '"tfrecord"'))
-  with pytest.raises(DataError, match=r"stored as tfrecord, which needs TensorFlow to read: pip install 'llm-jax\[tf\]'"):
-    sources.load(DataConfig(source="tfds:tiny_shakespeare", tfds_data_dir=str(copy)), "train")
+  folder = copy / "tiny_shakespeare" / "1.0.0"
+  for path in folder.glob("*.array_record-*"):
+    writer = RecordWriter(str(path).replace(".array_record-", ".tfrecord-"))
+    for record in ArrayRecordReader(str(path)).read_all():
+      writer.write(record)
+    writer.close()
+    path.unlink()
+  info = folder / "dataset_info.json"
+  info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
+  for split in ("train", "validation+test"):
+    want = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(tfds_dir)), "train")
+    got = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(copy)), "train")
+    assert isinstance(got._source, sources.TfrecordExamples)
+    order = list(reversed(range(len(want))))
+    assert [got[i] for i in order] == [want[i] for i in order] and len(got) == len(want) > 10
 
 
 def test_prepare_errors(tmp_path):
@@ -237,7 +252,7 @@ def test_giant_local_file_is_held_out_by_pieces(shared_data, shakespeare):
 
 
 def test_undecodable_tfds_text_reports_example_and_offset():
-  examples = sources._TfdsExamples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
+  examples = sources._Examples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
   assert examples[0] == ("fine", True)
   with pytest.raises(DataError, match=r"tfds:x:train example 1: invalid UTF-8 at byte offset 3"):
     examples[1]

@@ -1,4 +1,4 @@
-"""TFDS datasets stored as tfrecord, read through tf.data: needs TensorFlow (the `tf` extra).
+"""TFDS datasets stored as tfrecord by TensorFlow itself (building them needs the `tf` extra), read by index.
 
 The main test environment has no TensorFlow on purpose (the array_record path must work
 without it), so `scripts/test.sh` runs this file a second time in `.venv-tf`, which has the

@@ -55,7 +55,7 @@ class _Stream:
     return sum(len(ids) for ids in self.pending) - self.offset
 
 
-class _RowsIterator(grain.DatasetIterator):
+class RowsIterator(grain.DatasetIterator):
   """Builds the rows of `streams` for one batch after another (see the module docstring)."""
 
   def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
@@ -63,13 +63,22 @@ class _RowsIterator(grain.DatasetIterator):
     self._docs, self._tokenizer, self._B, self._L = docs, tokenizer, batch_size, seq_len
     self._streams = [_Stream(row) for row in rows]
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    self._tokenize_ahead()
-    return batch_fields(*self._take_rows())
+  @property
+  def streams(self) -> list[_Stream]:
+    """One per row slot, in the order of `rows`."""
+    return self._streams
 
-  def _tokenize_ahead(self) -> None:
+  def __next__(self) -> dict[str, np.ndarray]:
+    return batch_fields(*self.rows_of(self._streams))
+
+  def rows_of(self, streams: list[_Stream]) -> tuple[np.ndarray, ...]:
+    """The next row of each of `streams` (some of this iterator's): token ids, segment ids[, trained]."""
+    self._tokenize_ahead(streams)
+    return self._take_rows(streams)
+
+  def _tokenize_ahead(self, streams: list[_Stream]) -> None:
     """Tokenizes, a batch of pieces per call, until every stream holds a full row."""
-    while short := [s for s in self._streams if s.buffered() < self._L]:
+    while short := [s for s in streams if s.buffered() < self._L]:
       items = [self._docs[s.row + (s.piece + len(s.pending)) * self._B] for s in short]
       for stream, tokens in zip(short, self._tokenize(items)):
         stream.pending.append(tokens)
@@ -79,10 +88,10 @@ class _RowsIterator(grain.DatasetIterator):
     eos = np.int32(self._tokenizer.eos_id)
     return [np.append(piece, eos) if ends else piece for piece, (_, ends) in zip(ids, pieces)]
 
-  def _take_rows(self) -> tuple[np.ndarray, np.ndarray]:
-    inputs_RL = np.empty((len(self._streams), self._L), np.int32)
+  def _take_rows(self, streams: list[_Stream]) -> tuple[np.ndarray, np.ndarray]:
+    inputs_RL = np.empty((len(streams), self._L), np.int32)
     segments_RL = np.empty_like(inputs_RL)
-    for i, stream in enumerate(self._streams):
+    for i, stream in enumerate(streams):
       filled, segment = 0, 1
       while filled < self._L:
         ids = stream.pending[0]
@@ -110,7 +119,14 @@ class _RowsIterator(grain.DatasetIterator):
       stream.pending.clear()
 
 
-class _ExampleRowsIterator(_RowsIterator):
+class _TokenRowsIterator(RowsIterator):
+  """Rows of pieces tokenized ahead of time (tokens:DIR): each already int32 ids, eos included."""
+
+  def _tokenize(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+    return pieces
+
+
+class _ExampleRowsIterator(RowsIterator):
   """Rows of whole instruction examples, padded (see the module docstring).
 
   A stream's pending entries are `examples.Tokens`, each at most L long; the row is complete once
@@ -126,11 +142,11 @@ class _ExampleRowsIterator(_RowsIterator):
   def _tokenize(self, conversations: list[templates.Conversation]) -> list[examples.Tokens]:
     return examples.encode(conversations, self._template, self._tokenizer, self._L)
 
-  def _take_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    inputs_RL = np.full((len(self._streams), self._L), self._pad_id, np.int32)
+  def _take_rows(self, streams: list[_Stream]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    inputs_RL = np.full((len(streams), self._L), self._pad_id, np.int32)
     segments_RL = np.zeros_like(inputs_RL)
     trained_RL = np.zeros(inputs_RL.shape, bool)
-    for i, stream in enumerate(self._streams):
+    for i, stream in enumerate(streams):
       filled, segment = 0, 1
       while stream.pending and filled + len(stream.pending[0]) <= self._L:
         tokens = stream.pending.popleft()
@@ -186,7 +202,7 @@ def classification_fields(inputs_BL: np.ndarray, segments_BL: np.ndarray,
   return fields
 
 
-class _SentenceRowsIterator(_RowsIterator):
+class _SentenceRowsIterator(RowsIterator):
   """Rows of whole classification examples, padded; a slot's state is the examples it consumed."""
 
   def __init__(self, docs: grain.MapDataset, tokenizer: Tokenizer, rows: Sequence[int], batch_size: int, seq_len: int):
@@ -197,7 +213,7 @@ class _SentenceRowsIterator(_RowsIterator):
     return encode_sentences(sentences, self._tokenizer, self._L)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    self._tokenize_ahead()
+    self._tokenize_ahead(self._streams)
     inputs_RL = np.full((len(self._streams), self._L), self._pad_id, np.int32)
     segments_RL = np.zeros_like(inputs_RL)
     labels_RL = np.full_like(inputs_RL, -1)
@@ -219,9 +235,11 @@ class PackedRows(grain.IterDataset):
     del sequential_slice  # a worker's rows are a strided share either way: the batch is the same
     self._rows = self._rows[sl]
 
-  def __iter__(self) -> _RowsIterator:
+  def __iter__(self) -> RowsIterator:
     if self._template is None:
-      return _RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+      return RowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
+    if self._template == "tokens":
+      return _TokenRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
     if self._template == "classification":
       return _SentenceRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L)
     return _ExampleRowsIterator(self._docs, self._tokenizer, self._rows, self._B, self._L, self._template)

@@ -17,13 +17,15 @@ one process would build; grain workers split a process's slots the same way. The
 is two integers per slot (the piece index and the tokens of it already used), so `set_state`
 resumes exactly, without replaying the past.
 
-The rows themselves (packing, instruction examples, classification) are made in `packing.py`.
+The rows themselves (packing, instruction examples, classification) are made in `packing.py`;
+a `data.mixture` deals each slot's rows among several sources' streams (`mixture.py`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llm_jax import sharding
 from llm_jax.config import DataConfig
-from llm_jax.data import examples, packing, sources, templates
+from llm_jax.data import examples, mixture, packing, shards, sources, templates
 from llm_jax.data.sources import DataError, Documents
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -244,10 +246,13 @@ def _to_global(sharding: NamedSharding, batch_size: int, batch: dict[str, np.nda
 
 def count_tokens(docs: Documents, tokenizer: Tokenizer, limit: int) -> int:
   """Tokens (eos included) in `docs`, counted in order until `limit` is reached."""
-  total = 0
+  total, pretokenized = 0, sources.token_shards(docs) is not None
   for start in range(0, len(docs), _COUNT_CHUNK):
     pieces = [docs[i] for i in range(start, min(start + _COUNT_CHUNK, len(docs)))]
-    total += sum(map(len, tokenizer.encode_batch([text for text, _ in pieces]))) + sum(ends for _, ends in pieces)
+    if pretokenized:
+      total += sum(map(len, pieces))
+    else:
+      total += sum(map(len, tokenizer.encode_batch([text for text, _ in pieces]))) + sum(ends for _, ends in pieces)
     if total >= limit:
       break
   return total
@@ -351,21 +356,10 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if split not in ("train", "eval"):  # a test split is read once, whole: one_pass
     raise DataError(f"split {split!r}: expected train or eval")
   rows = _local_rows(batch_size, mesh)
-  docs = sources.load(data, split, num_classes)
-  try:
-    template = "classification" if data.format == "classification" else templates.from_config(data, tokenizer)
-  except templates.TemplateError as e:
-    raise DataError(str(e)) from None
-  truncated = 0
-  if template == "classification":
-    truncated = _fit_sentences(docs, tokenizer, data.seq_len, batch_size * data.seq_len, split)
-  elif template is None:
-    _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  if data.mixture and not (split == "eval" and data.eval_source):
+    dataset, header, truncated = _mixed_rows(data, tokenizer, rows, batch_size, seed, split)
   else:
-    truncated = _fit_examples(docs, template, tokenizer, data.seq_len, batch_size * data.seq_len, split)
-  ordered = grain.MapDataset.source(docs)
-  ordered = ordered.shuffle(seed=seed % 2**32).repeat() if split == "train" else ordered.repeat()
-  dataset = packing.PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len, template)
+    dataset, header, truncated = _source_rows(data, tokenizer, rows, batch_size, seed, split, num_classes)
   workers = min(data.worker_count, len(rows))
   if workers:
     _parse_absl_flags()
@@ -374,8 +368,64 @@ def make_batches(data: DataConfig, tokenizer: Tokenizer, *, batch_size: int, see
   if mesh is not None:
     dataset = dataset.map(functools.partial(_to_global, sharding.batch_sharding(mesh), batch_size))
   dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data.prefetch)
-  header = {"data": docs.name, "split": split, "seq_len": data.seq_len, "batch_size": batch_size,
-            "seed": seed if split == "train" else None, "vocab_size": tokenizer.vocab_size, "pieces": len(docs)}
-  if template is not None:  # text runs keep the header (and so the checkpoints) they always had
-    header.update(format=data.format, template=getattr(template, "name", template))
+  header.update(split=split, seq_len=data.seq_len, batch_size=batch_size, seed=seed if split == "train" else None,
+                vocab_size=tokenizer.vocab_size)
   return BatchIterator(dataset, header, rows, truncated)
+
+
+def _source_rows(data: DataConfig, tokenizer: Tokenizer, rows: list[int], batch_size: int, seed: int, split: str,
+                 num_classes: int) -> tuple[packing.PackedRows, dict[str, Any], int]:
+  """The rows of data.source's `split`, the resume header's source fields, and the examples cut to fit."""
+  docs = sources.load(data, split, num_classes)
+  try:
+    template = "classification" if data.format == "classification" else templates.from_config(data, tokenizer)
+  except templates.TemplateError as e:
+    raise DataError(str(e)) from None
+  truncated = 0
+  if (token_source := sources.token_shards(docs)) is not None:
+    token_source.check_tokenizer(tokenizer)
+    template = "tokens"
+  if template in (None, "tokens"):
+    _check_size(docs, tokenizer, batch_size * data.seq_len, split)
+  elif template == "classification":
+    truncated = _fit_sentences(docs, tokenizer, data.seq_len, batch_size * data.seq_len, split)
+  else:
+    truncated = _fit_examples(docs, template, tokenizer, data.seq_len, batch_size * data.seq_len, split)
+  ordered = grain.MapDataset.source(docs)
+  ordered = ordered.shuffle(seed=seed % 2**32).repeat() if split == "train" else ordered.repeat()
+  header = {"data": docs.name, "pieces": len(docs)}
+  if template not in (None, "tokens"):  # text runs keep the header (and so the checkpoints) they always had
+    header.update(format=data.format, template=getattr(template, "name", template))
+  return packing.PackedRows(ordered, tokenizer, rows, batch_size, data.seq_len, template), header, truncated
+
+
+def _mixed_rows(data: DataConfig, tokenizer: Tokenizer, rows: list[int], batch_size: int, seed: int,
+                split: str) -> tuple[mixture.MixedRows, dict[str, Any], int]:
+  """Rows of data.mixture: each source's own `split` (its held-out share or validation split), packed
+  alone, and interleaved by weight (`mixture.py`)."""
+  if data.format != "text":
+    raise DataError(f"data.mixture mixes documents (data.format=text), not {data.format} records; train on one "
+                    "source or merge the record files")
+  _check_same_tokenizer(data.mixture)
+  parts, names, pieces = [], [], []
+  for i, (source, _) in enumerate(data.mixture):
+    one = dataclasses.replace(data, source=source, mixture=())
+    part, header, _ = _source_rows(one, tokenizer, rows, batch_size, seed + i, split, 0)
+    parts.append(part)
+    names.append(header["data"])
+    pieces.append(header["pieces"])
+  weights = [weight for _, weight in data.mixture]
+  header = {"data": [[name, weight] for name, weight in zip(names, weights)], "pieces": pieces}
+  return mixture.MixedRows(parts, weights, seed if split == "train" else 0, rows), header, 0
+
+
+def _check_same_tokenizer(pairs: Sequence[tuple[str, float]]) -> None:
+  """Refuses, in one line, a mixture of token shards written by different tokenizers."""
+  made = {}
+  for source, _ in pairs:
+    if source.startswith("tokens:"):
+      made.setdefault(shards.read_manifest(source.partition(":")[2])["tokenizer"]["fingerprint"], source)
+  if len(made) > 1:
+    first, second = list(made.values())[:2]
+    raise DataError(f"data.mixture mixes {first} and {second}, which were tokenized with different tokenizers; "
+                    "tokenize every source with the one data.tokenizer of the run")

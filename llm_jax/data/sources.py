@@ -5,12 +5,14 @@ that the pipeline shuffles, tokenizes and packs; with data.format alpaca or chat
 `templates.Conversation`s instead, one per record. Sources:
 
 - `tfds:NAME[:SPLIT]` (`data.tfds_data_dir`): array_record datasets through `tfds.data_source`,
-  with no TensorFlow needed; datasets stored as tfrecord go through tf.data, which needs the
-  `tf` extra. A missing dataset is downloaded when the machine is online; offline, the error names
+  tfrecord ones through an index of record offsets (`TfrecordExamples`); neither needs TensorFlow. A missing dataset is downloaded when the machine is online; offline, the error names
   `llm-jax data prepare`, which builds tiny_shakespeare from a local copy of its input.txt.
 - `text:GLOB`: one document per file, or per block of lines between blank lines
   (`data.text_split`); files are read as strict UTF-8, and a bad byte is reported with its offset.
 - `jsonl:GLOB`: one document per line, the string field `data.text_field`.
+- `hf:PATH_OR_NAME[:SPLIT]`: a Hugging Face `datasets` dataset (a save_to_disk folder, .parquet or
+  .arrow files; a hub name only online), one document per row, the column `data.text_field`.
+- `tokens:DIR`: pieces tokenized ahead by `llm-jax data tokenize` (`shards.py`), as token id arrays.
 - `json:GLOB` (a JSON array of records per file) or `jsonl:GLOB` (a record per line), with
   `data.format=alpaca`: records `{"instruction", "input", "output"}` (input may be empty or absent);
   with `data.format=chat`: records `{"messages": [{"role", "content"}, ...]}`, roles system, user and
@@ -34,7 +36,8 @@ independent of the seed), which the train split then leaves out.
 
 Test (`split="test"`, classification only): `data.test_source`, read whole.
 
-Local sources are read into memory at start; TFDS splits are read lazily by index.
+Text and JSONL documents are read lazily (`textfiles.py`: an index of each piece's bytes, built in one
+pass at start); instruction records and tsv rows are read into memory; TFDS splits are read lazily by index.
 """
 
 from __future__ import annotations
@@ -47,21 +50,20 @@ import os
 import pathlib
 import re
 import socket
-from typing import NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from llm_jax.config import DataConfig
-from llm_jax.data import templates
+from llm_jax.data import shards, templates, textfiles
 from llm_jax.data.templates import Conversation, Message
+from llm_jax.data.textfiles import chunk_spans
 from llm_jax.errors import UserError
 
 Piece = tuple[str, bool]  # (text, whether it ends its document)
 
 _TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _PREPARABLE = ("tiny_shakespeare",)
-_BLOCK = re.compile(r"(?:^[^\n]*\S[^\n]*(?:\n|\Z))+", re.MULTILINE)  # a run of lines that are not blank
-_LAST_BREAK = re.compile(r"\r?\n\Z")
 _SPLIT_NAMES = re.compile(r"(?:^|\+)\s*(\w+)")
 _TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$")
 
@@ -114,14 +116,14 @@ class _Subset(Documents):
     return self.parent[int(self.indices[index])]
 
 
-class _TfdsExamples(Documents):
-  """Examples of a random-access TFDS split, each a piece; giant ones cut via `spans`.
+class _Examples(Documents):
+  """Examples of a random-access split (TFDS, Hugging Face), each a piece; giant ones cut via `spans`.
 
-  `spans` lists (example, start, end, is_last) when examples are cut; one decoded example is
-  cached, because the cut pieces of one example are read one after another.
+  `spans` is a `_SPANS` table of (example, start, stop, last) when examples are cut; one decoded
+  example is cached, because the cut pieces of one example are read one after another.
   """
 
-  def __init__(self, name: str, source: Sequence, field: str, spans: list[tuple[int, int, int, bool]] | None):
+  def __init__(self, name: str, source: Sequence, field: str, spans: np.ndarray | None):
     self.name, self._source, self._field, self._spans = name, source, field, spans
     self._cached: tuple[int, str] | None = None
 
@@ -131,8 +133,8 @@ class _TfdsExamples(Documents):
   def __getitem__(self, index: int) -> Piece:
     if self._spans is None:
       return self.text(index), True
-    example, start, end, last = self._spans[index]
-    return self.text(example)[start:end], last
+    example, start, stop, last = self._spans[index].tolist()
+    return self.text(example)[start:stop], last
 
   def text(self, example: int) -> str:
     if self._cached is None or self._cached[0] != example:
@@ -141,6 +143,28 @@ class _TfdsExamples(Documents):
 
   def __getstate__(self) -> dict:  # the cache stays behind when pickled into a worker
     return {**self.__dict__, "_cached": None}
+
+
+_SPANS = np.dtype([("example", "<i8"), ("start", "<i8"), ("stop", "<i8"), ("last", "?")])
+
+
+def _cut_examples(examples: _Examples, lengths: np.ndarray, max_chars: int) -> _Examples:
+  """`examples` with every one longer than max_chars characters cut into pieces (`chunk_spans`)."""
+  long = np.flatnonzero(lengths > max_chars)
+  if not len(long):
+    return examples
+  cuts = {int(e): chunk_spans(examples.text(int(e)), max_chars) for e in long}
+  counts = np.ones(len(lengths), np.int64)
+  counts[long] = [len(cuts[int(e)]) for e in long]
+  spans = np.zeros(int(counts.sum()), _SPANS)
+  spans["example"] = np.repeat(np.arange(len(lengths)), counts)
+  spans["stop"] = np.repeat(lengths, counts)
+  ends = np.cumsum(counts) - 1
+  spans["last"][ends] = True
+  for e, pieces in cuts.items():
+    first = ends[e] - len(pieces) + 1
+    spans["start"][first:ends[e] + 1], spans["stop"][first:ends[e] + 1] = zip(*pieces)
+  return _Examples(examples.name, examples._source, examples._field, spans)
 
 
 def _decode(value: bytes | str, where: str) -> str:
@@ -152,28 +176,6 @@ def _decode(value: bytes | str, where: str) -> str:
     raise DataError(f"{where}: invalid UTF-8 at byte offset {e.start}; re-encode the data as UTF-8") from None
   except AttributeError:
     raise DataError(f"{where}: the field is {type(value).__name__}, not text; set data.text_field to a text feature") from None
-
-
-def chunk_spans(text: str, max_chars: int) -> list[tuple[int, int]]:
-  """(start, end) of pieces of at most max_chars that tile `text`, cut after a newline in the
-  second half of each window when there is one, else at max_chars."""
-  spans, start = [], 0
-  while len(text) - start > max_chars:
-    cut = text.rfind("\n", start + max_chars // 2, start + max_chars)
-    end = cut + 1 if cut >= 0 else start + max_chars
-    spans.append((start, end))
-    start = end
-  if start < len(text):
-    spans.append((start, len(text)))
-  return spans
-
-
-def _pieces(texts: Sequence[str], max_chars: int) -> list[Piece]:
-  out = []
-  for text in texts:
-    spans = chunk_spans(text, max_chars)
-    out += [(text[a:b], i == len(spans) - 1) for i, (a, b) in enumerate(spans)]
-  return out
 
 
 def _chunk_chars(data: DataConfig) -> int:
@@ -195,45 +197,7 @@ def _files(scheme: str, pattern: str) -> list[pathlib.Path]:
 
 
 def _read_text(path: pathlib.Path) -> str:
-  try:
-    raw = path.read_bytes()
-  except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror}; check its permissions") from None
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start}; convert it, e.g. "
-                    f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
-
-
-def _text_documents(pattern: str, text_split: str) -> list[str]:
-  documents = []
-  for path in _files("text", pattern):
-    text = _read_text(path)
-    if text_split == "blank_line":  # blocks of lines, without the line break after the last
-      documents += [_LAST_BREAK.sub("", block) for block in _BLOCK.findall(text)]
-    else:
-      documents.append(text)
-  return [d for d in documents if d.strip()]
-
-
-def _jsonl_documents(pattern: str, field: str) -> list[str]:
-  documents = []
-  for path in _files("jsonl", pattern):
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: not JSON ({e.msg}); each line must be one JSON object") from None
-      text = record.get(field) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path}:{number}: no string field {field!r} (found {keys}); set data.text_field")
-      if text.strip():
-        documents.append(text)
-  return documents
+  return textfiles.read_text(path, DataError)
 
 
 # ----------------------------------------------------------------------------- instruction records
@@ -390,7 +354,7 @@ def _tfds_builder(name: str, data_dir: str):
   return builder
 
 
-def _tfds_examples(name: str, split: str, data: DataConfig) -> _TfdsExamples:
+def _tfds_examples(name: str, split: str, data: DataConfig) -> _Examples:
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data.tfds_data_dir)
   label = f"tfds:{name}:{split}"
@@ -401,30 +365,66 @@ def _tfds_examples(name: str, split: str, data: DataConfig) -> _TfdsExamples:
   unknown = [n for n in names if n not in builder.info.splits]
   if unknown or not names:
     raise DataError(f"{label}: no split {', '.join(unknown) or split!r}; {name} has {sorted(builder.info.splits)}")
-  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
-    source = _read_tfrecord(builder, name, split, data.text_field)
-  else:
-    source = builder.as_data_source(split=split)
+  source = _split_examples(builder, split)
   chunk = _chunk_chars(data)
-  examples = _TfdsExamples(label, source, data.text_field, None)
+  examples = _Examples(label, source, data.text_field, None)
   split_bytes = sum(builder.info.splits[n].num_bytes for n in names)
   split_examples = sum(builder.info.splits[n].num_examples for n in names)
   if split_examples and split_bytes / split_examples > chunk:  # giant examples: cut them
-    spans = []
-    for example in range(len(source)):
-      cuts = chunk_spans(examples.text(example), chunk)
-      spans += [(example, a, b, i == len(cuts) - 1) for i, (a, b) in enumerate(cuts)]
-    examples = _TfdsExamples(label, source, data.text_field, spans)
+    examples = _cut_examples(examples, np.array([len(examples.text(e)) for e in range(len(source))]), chunk)
   return examples
 
 
-def _read_tfrecord(builder, name: str, split: str, field: str) -> list[dict]:
-  """tfrecord datasets have no random access: read the split through tf.data, into memory."""
-  if importlib.util.find_spec("tensorflow") is None:
-    raise DataError(f"TFDS dataset {name} is stored as tfrecord, which needs TensorFlow to read: "
-                    "pip install 'llm-jax[tf]' (or rebuild it with --file_format=array_record)")
+def _split_examples(builder, split: str) -> Sequence[dict]:
+  """A TFDS split by index: array_record through `tfds.data_source`, tfrecord through `TfrecordExamples`."""
   import tensorflow_datasets as tfds
-  return [{field: example[field]} for example in tfds.as_numpy(builder.as_dataset(split=split))]
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    return TfrecordExamples(builder, split)
+  return builder.as_data_source(split=split)
+
+
+class TfrecordExamples(Sequence[dict]):
+  """The examples of a tfrecord TFDS split by index, without TensorFlow and without reading them all.
+
+  tfrecord has no index, so one pass over each file's 12-byte record headers (length, CRC) finds
+  where every record starts (16 bytes an example, kept); a record is then read with one `pread`
+  and decoded by the dataset's own features (`deserialize_example_np`, as TFDS's array_record data
+  source does). CRCs are not checked.
+  """
+
+  def __init__(self, builder, split: str):
+    self._features = builder.info.features
+    self._files, parts = [], []
+    for k, instruction in enumerate(builder.info.splits[split].file_instructions):
+      records = _record_spans(instruction.filename)
+      take = instruction.take if instruction.take >= 0 else len(records) - instruction.skip
+      parts.append(np.column_stack([np.full(take, k), records[instruction.skip:instruction.skip + take]]))
+      self._files.append(instruction.filename)
+    self._index = np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+    self._fds: dict[int, int] = {}
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, index: int) -> dict:
+    file, start, size = self._index[index].tolist()
+    if file not in self._fds:
+      self._fds[file] = os.open(self._files[file], os.O_RDONLY)
+    return self._features.deserialize_example_np(os.pread(self._fds[file], size, start))
+
+  def __getstate__(self) -> dict:  # file descriptors stay behind when pickled into a worker
+    return {**self.__dict__, "_fds": {}}
+
+
+def _record_spans(path: str) -> np.ndarray:
+  """(data offset, length) of every record of a tfrecord file: length uint64, its CRC, data, the data's CRC."""
+  spans = []
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      length = int.from_bytes(header[:8], "little")
+      spans.append((f.tell(), length))
+      f.seek(length + 4, os.SEEK_CUR)
+  return np.array(spans, np.int64).reshape(-1, 2)
 
 
 def _has_split(name: str, split: str, data_dir: str) -> bool:
@@ -474,14 +474,131 @@ def _tiny_shakespeare_builder(source_file: str | None, data_dir: str, file_forma
   return OfflineTinyShakespeare(data_dir=data_dir or None, file_format=file_format)
 
 
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _hf_spec(rest: str) -> tuple[str, str]:
+  """hf:PATH_OR_NAME[:SPLIT] -> (path or name, split or "")."""
+  path, sep, split = rest.rpartition(":")
+  return (path, split) if sep and path and split and "/" not in split else (rest, "")
+
+
+def _hf_local_files(path: str) -> list[str]:
+  return sorted(p for p in glob.glob(os.path.expanduser(path)) if p.endswith((".parquet", ".arrow")))
+
+
+def _hf_splits(path: str) -> list[str]:
+  """The splits of a local save_to_disk DatasetDict folder (none for anything else)."""
+  folder = pathlib.Path(path).expanduser()
+  if not (folder / "dataset_dict.json").is_file():
+    return []
+  return json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+
+
+def _hf_dataset(rest: str, default_split: str):
+  """A `datasets.Dataset`: a save_to_disk folder, parquet or arrow files (offline), or a hub name (online)."""
+  path, split = _hf_spec(rest)
+  if importlib.util.find_spec("datasets") is None:
+    raise DataError(f"data source hf:{rest} needs the datasets library: pip install 'llm-jax[data]'")
+  import datasets
+  datasets.logging.disable_progress_bar()
+  folder = pathlib.Path(path).expanduser()
+  if folder.is_dir() and (folder / "dataset_dict.json").is_file():
+    splits = _hf_splits(path)
+    split = split or default_split
+    if split not in splits:
+      raise DataError(f"hf:{path} has no split {split!r} (it has {splits}); write hf:{path}:SPLIT")
+    return datasets.load_from_disk(str(folder / split))
+  if folder.is_dir() and (folder / "dataset_info.json").is_file():
+    return datasets.load_from_disk(str(folder))
+  files = _hf_local_files(path)
+  if files and all(f.endswith(".arrow") for f in files):
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+  if files and all(f.endswith(".parquet") for f in files):
+    return datasets.Dataset.from_parquet(files, split="train", keep_in_memory=False)
+  if folder.exists() or files or path.startswith((".", "/", "~")):
+    raise DataError(f"hf:{path} is neither a datasets save_to_disk folder nor .parquet or .arrow files; save it "
+                    "with Dataset.save_to_disk(DIR) and pass hf:DIR")
+  if not _online("huggingface.co"):
+    raise DataError(f"hf:{path} is not a local folder and the Hugging Face hub is unreachable (offline); on a machine "
+                    f"with network run datasets.load_dataset({path!r}).save_to_disk(DIR), copy DIR here and pass hf:DIR")
+  return datasets.load_dataset(path, split=split or default_split)
+
+
+def _hf_texts(rest: str, default_split: str, field: str):
+  """The dataset with its text column alone (reading a row then decodes nothing else)."""
+  dataset = _hf_dataset(rest, default_split)
+  if field not in dataset.column_names:
+    raise DataError(f"hf:{rest} has no column {field!r} (it has {dataset.column_names}); set data.text_field")
+  return dataset.select_columns([field])
+
+
+def _hf_examples(rest: str, default_split: str, data: DataConfig) -> _Examples:
+  dataset = _hf_texts(rest, default_split, data.text_field)
+  import pyarrow.compute as pc
+  lengths = pc.utf8_length(dataset.data.column(data.text_field)).to_numpy(zero_copy_only=False)
+  return _cut_examples(_Examples(f"hf:{rest}", dataset, data.text_field, None), lengths, _chunk_chars(data))
+
+
+# ----------------------------------------------------------------------------- whole documents (llm-jax data tokenize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A share of a source's documents that one tokenize worker reads on its own, in order: a file (text:,
+  jsonl:) or a range of examples (tfds:, hf:)."""
+
+  label: str  # what the manifest calls it
+  file: str = ""
+  start: int = 0
+  stop: int = -1
+
+
+def parts(data: DataConfig, examples_per_part: int) -> list[Part]:
+  """`data.source` cut into parts whose documents, concatenated in order, are those `load` cuts into pieces."""
+  scheme, rest = _parse(data.source)
+  if data.format != "text" or scheme not in ("text", "jsonl", "tfds", "hf"):
+    raise DataError(f"llm-jax data tokenize reads documents (text:, jsonl:, tfds: or hf: with data.format=text), "
+                    f"not {data.source!r} with data.format={data.format}")
+  if scheme in ("text", "jsonl"):
+    return [Part(str(path), file=str(path)) for path in _files(scheme, rest)]
+  source = _example_source(data)
+  bounds = list(range(0, len(source), examples_per_part)) + [len(source)]
+  return [Part(f"examples {a}:{b}", start=a, stop=b) for a, b in zip(bounds, bounds[1:])]
+
+
+def part_documents(part: Part, data: DataConfig) -> Iterator[str]:
+  """The documents of `part`, one at a time."""
+  scheme, rest = _parse(data.source)
+  if part.file:
+    yield from (doc.text for doc in textfiles.documents(pathlib.Path(part.file), scheme, data.text_split,
+                                                        data.text_field, DataError))
+    return
+  source = _example_source(data)
+  for index in range(part.start, part.stop):
+    yield _decode(source[index][data.text_field], f"{data.source} example {index}")
+
+
+def _example_source(data: DataConfig) -> Sequence[dict]:
+  """The examples of a tfds: or hf: source, by index."""
+  scheme, rest = _parse(data.source)
+  if scheme == "hf":
+    return _hf_texts(rest, "train", data.text_field)
+  match = _TFDS_SPEC.match(rest)
+  if not match:
+    raise DataError(f"data source {data.source!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
+  return _split_examples(_tfds_builder(match["name"], data.tfds_data_dir), match["split"] or "train")
+
+
 # ----------------------------------------------------------------------------- selection
 
 
 def _parse(spec: str) -> tuple[str, str]:
   scheme, sep, rest = spec.partition(":")
-  if not sep or scheme not in ("tfds", "text", "jsonl", "json", "tsv") or not rest:
-    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB or jsonl:GLOB (or json:GLOB, "
-                    "with data.format=alpaca or chat; tsv:GLOB with data.format=classification)")
+  if not sep or scheme not in ("tfds", "text", "jsonl", "json", "tsv", "hf", "tokens") or not rest:
+    raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], text:GLOB, jsonl:GLOB, hf:PATH_OR_NAME[:SPLIT] "
+                    "or tokens:DIR (or json:GLOB, with data.format=alpaca or chat; tsv:GLOB with "
+                    "data.format=classification)")
   return scheme, rest
 
 
@@ -506,8 +623,12 @@ def _open(spec: str, data: DataConfig, default_split: str, num_classes: int = 0)
     if not match:
       raise DataError(f"data source {spec!r}: expected tfds:NAME[:SPLIT], e.g. tfds:tiny_shakespeare:train")
     return _tfds_examples(match["name"], match["split"] or default_split, data)
-  texts = _text_documents(rest, data.text_split) if scheme == "text" else _jsonl_documents(rest, data.text_field)
-  return _Pieces(spec, _pieces(texts, _chunk_chars(data)))
+  if scheme == "hf":
+    return _hf_examples(rest, default_split, data)
+  if scheme == "tokens":
+    return shards.TokenShards(spec, rest)
+  return textfiles.FilePieces(spec, _files(scheme, rest), scheme, data.text_split, data.text_field, _chunk_chars(data),
+                              DataError)
 
 
 def _own_validation(data: DataConfig) -> str | None:
@@ -516,6 +637,8 @@ def _own_validation(data: DataConfig) -> str | None:
   match = _TFDS_SPEC.match(rest) if scheme == "tfds" else None
   if match and _has_split(match["name"], "validation", data.tfds_data_dir):
     return f"tfds:{match['name']}:validation"
+  if scheme == "hf" and not _hf_spec(rest)[1] and "validation" in _hf_splits(_hf_spec(rest)[0]):
+    return f"hf:{rest}:validation"
   return None
 
 
@@ -553,6 +676,13 @@ def load(data: DataConfig, split: str, num_classes: int = 0) -> Documents:
   if not len(eval_indices):
     return docs
   return _Subset(docs.name, docs, np.setdiff1d(np.arange(len(docs)), eval_indices))
+
+
+def token_shards(docs: Documents) -> shards.TokenShards | None:
+  """The tokens:DIR source under `docs` (a split of it), or None when `docs` holds text."""
+  while isinstance(docs, _Subset):
+    docs = docs.parent
+  return docs if isinstance(docs, shards.TokenShards) else None
 
 
 def _check_nonempty(docs: Documents) -> Documents:

@@ -21,7 +21,7 @@ import numpy as np
 from llm_jax import checkpoint, distributed, sampling, sharding
 from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
-from llm_jax.data import pipeline, templates
+from llm_jax.data import mixture, pipeline, templates
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import lora as lora_lib
 from llm_jax.model import stats, transformer
@@ -96,8 +96,18 @@ def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool)
 
 def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
   """Loss over `train.eval_batches` batches of the validation split, the same batches every time;
-  and `eval_accuracy` when the loss counts `correct` (classification)."""
-  with pipeline.make_batches(config.data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
+  and `eval_accuracy` when the loss counts `correct` (classification). A data.mixture (without
+  data.eval_source) is evaluated per source: `eval_loss/NAME` each, and `eval_loss` their mean by weight."""
+  data = config.data
+  if data.mixture and not data.eval_source:
+    per_source = {name: evaluate(eval_step, params, frozen, config_lib.replace(config, data=dict(source=source, mixture=())),
+                                 tokenizer, mesh)["eval_loss"]
+                  for name, (source, _) in zip(mixture.labels(data.mixture), data.mixture)}
+    weights = [weight for _, weight in data.mixture]
+    loss = float(np.average(list(per_source.values()), weights=weights))
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            **{f"eval_loss/{name}": value for name, value in per_source.items()}}
+  with pipeline.make_batches(data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
                              mesh=mesh, split="eval", num_classes=config.model.num_classes) as batches:
     return _summed(eval_step, params, frozen, zip(range(config.train.eval_batches), batches), "eval")
 

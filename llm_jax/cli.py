@@ -121,9 +121,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
   from llm_jax import workdir
   config_lib.check_export_dtype(args.dtype)
+  if args.quantize_embeddings and args.quantize == "none":
+    raise config_lib.ConfigError("--quantize-embeddings quantizes along with the projections; add --quantize int8")
   workdir.refuse_run_folder(args.out, "export")  # before anything is written, and before the heavy imports
   from llm_jax import checkpoint
-  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype, merge_lora=args.merge_lora))
+  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype, merge_lora=args.merge_lora,
+                                 quantize=args.quantize, quantize_embeddings=args.quantize_embeddings))
   return 0
 
 
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True)
   p.add_argument("--dtype", default=None, help="cast parameters: float32 or bfloat16 (what llm_jax.load reads)")
   p.add_argument("--merge-lora", action="store_true", help="a LoRA run: write its base with the adapters merged in")
+  p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                 help="int8: weight-only int8 projections, one scale per output channel (for inference)")
+  p.add_argument("--quantize-embeddings", action="store_true",
+                 help="with --quantize: the token embedding and output head in int8 too")
   p.set_defaults(handler=_cmd_export)
   return parser
 

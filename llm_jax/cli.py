@@ -130,6 +130,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+  try:
+    from llm_jax.serve import server
+  except ImportError as e:
+    raise UserError(f"llm-jax serve needs the serve extra ({e.name} is missing); pip install 'llm-jax[serve]'") from None
+  server.serve(args.workdir, host=args.host, port=args.port, slots=args.slots)
+  return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
   from llm_jax.train import plot
   out = args.out or (pathlib.Path(args.workdirs[0]) / "curves.png" if len(args.workdirs) == 1 else "curves.png")
@@ -186,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--raw", action="store_true",
                  help="use prompts as they are, not through the run's instruction template (data.format alpaca or chat)")
   p.set_defaults(handler=_cmd_generate)
+
+  p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (the serve extra)")
+  p.add_argument("--workdir", required=True, help="a run's workdir, a checkpoint or an export (int8 too)")
+  p.add_argument("--host", default="127.0.0.1", help="the address to listen on (127.0.0.1: this machine only)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--slots", type=int, default=8, help="requests decoded together; more wait for a free slot")
+  p.set_defaults(handler=_cmd_serve)
 
   p = sub.add_parser("plot", help="draw the loss (against steps and tokens), learning rate and tokens/s of runs")
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="one or more runs, overlaid and named by folder")

@@ -95,13 +95,19 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
   import llm_jax
   prompts = read_prompts(args.prompt, args.prompts_file)
+  if args.speculate is not None and not args.draft_workdir:
+    raise config_lib.ConfigError("--speculate sets the draft model's tokens per round; add --draft-workdir DIR")
   model = llm_jax.load(args.workdir)
+  speculative = {}
+  if args.draft_workdir:
+    draft = llm_jax.load(args.draft_workdir)
+    speculative = {"draft": (draft.params, draft.config.model), "speculate": args.speculate or 4}
   if "" in prompts and (args.raw or model.config.data.format == "text"):  # a template gives it text around it
     print("llm-jax: note: an empty prompt is conditioned on the bos token alone, which models trained by llm-jax "
           "never see; give them some text, e.g. a newline", file=sys.stderr)
   results = model.generate(
       prompts, raw=args.raw, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-      top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json)
+      top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json, **speculative)
   for result in results:
     print(json.dumps(result) if args.json else result)
   return 0
@@ -192,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token ids, log-probs")
+  p.add_argument("--draft-workdir", help="a smaller model with the same tokenizer that proposes tokens for the "
+                 "target to check (speculative decoding: the same output, faster)")
+  p.add_argument("--speculate", type=int, help="with --draft-workdir: draft tokens per target forward pass (default 4)")
   p.add_argument("--raw", action="store_true",
                  help="use prompts as they are, not through the run's instruction template (data.format alpaca or chat)")
   p.set_defaults(handler=_cmd_generate)

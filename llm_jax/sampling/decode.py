@@ -102,7 +102,7 @@ def _write(end: jax.Array) -> Any:
     layer = (i,) * scanned
     if end.ndim:  # per row: row b's L slots from end[b]; the indexed shape is [B, L, G, K], the new keys' own
       rows_B1 = jnp.arange(k_BLGK.shape[0])[:, None]
-      slots_BL = end[:, None] + jnp.arange(k_BLGK.shape[1])
+      slots_BL = end[:, None] + jnp.arange(k_BLGK.shape[1])[None]
       old = kv if scanned else kv[i]
       k, v = (constrain(old[name].at[(*layer, rows_B1, slice(None), slots_BL)].set(new.astype(dtype), mode="drop"),
                         axes) for name, new in (("k", k_BLGK), ("v", v_BLGK)))

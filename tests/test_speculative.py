@@ -8,6 +8,7 @@ fail): resampling from the target instead of the residual, and keeping every dra
 
 import dataclasses
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,23 @@ def test_bad_settings_are_refused():
     speculative.generate(target, TARGET, params(other, 1), other, [[3]], max_new_tokens=2, num_draft=2)
   with pytest.raises(UserError, match="--speculate 0: expected at least 1"):
     speculative.generate(target, TARGET, target, TARGET, [[3]], max_new_tokens=2, num_draft=0)
+
+
+def test_generate_command_with_a_draft_prints_the_targets_greedy_output(tmp_path, capsys):
+  """`llm-jax generate --draft-workdir DIR --speculate K` through the command's own function."""
+  from llm_jax import checkpoint, cli
+  from llm_jax import config as config_lib
+  from llm_jax.data import tokenizer as tokenizer_lib
+  cfg = dataclasses.replace(TARGET, vocab_size=tokenizer_lib.BYTE_VOCAB_SIZE)
+  target = params(cfg, 4)
+  draft_cfg = dataclasses.replace(cfg, num_layers=1)
+  for name, p, c in (("target", target, cfg), ("draft", {**target, "layers": {"0": target["layers"]["0"]}}, draft_cfg)):
+    checkpoint.save_params(tmp_path / name, p, config_lib.Config(model=c))
+    tokenizer_lib.ByteTokenizer().save(tmp_path / name)
+  args = ["generate", "--workdir", str(tmp_path / "target"), "--prompt", "abc", "--max-new-tokens", "10", "--json"]
+  assert cli.main(args) == 0
+  plain = json.loads(capsys.readouterr().out)
+  assert cli.main([*args, "--draft-workdir", str(tmp_path / "draft"), "--speculate", "3"]) == 0
+  assert json.loads(capsys.readouterr().out)["token_ids"] == plain["token_ids"]
+  assert cli.main([*args, "--speculate", "3"]) == 2
+  assert "--speculate sets the draft model's tokens per round; add --draft-workdir DIR" in capsys.readouterr().err

@@ -12,6 +12,7 @@ request, and the engine frees the slot before its next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import pathlib
 import sys
@@ -45,7 +46,6 @@ def chat_template(model: Any) -> templates.Template:
   """The run's own instruction template; for a plain language model its tokenizer's chat template, else ChatML."""
   data = model.config.data
   if data.format == "text":
-    import dataclasses
     data = dataclasses.replace(data, format="chat",
                                template="tokenizer" if getattr(model.tokenizer, "chat_template", None) else "chatml")
   return templates.from_config(data, model.tokenizer)

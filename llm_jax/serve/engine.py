@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import traceback
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,7 +39,7 @@ class RequestError(UserError):
 @dataclasses.dataclass(frozen=True)
 class Event:
   """New text of a request (possibly empty), with the tokens that came since the last event; the last event has
-  `finish_reason` ("stop": eos or a stop string, "length": max_tokens, "cancelled")."""
+  `finish_reason` ("stop": eos or a stop string, "length": max_tokens, "cancelled", "error": the engine failed)."""
 
   text: str
   token_ids: list[int]
@@ -81,6 +82,7 @@ class Engine:
     self.rows: list[Request | None] = [None] * slots
     self.waiting: queue.Queue[Request] = queue.Queue()
     self.cancelled_count = 0
+    self.error: str | None = None  # why the engine's thread stopped, if it failed
     self.finished_count = 0
     self._stopped = threading.Event()
     self._thread: threading.Thread | None = None
@@ -106,6 +108,8 @@ class Engine:
       raise RequestError(f"seed={request.seed}: expected 0 <= seed < 2**31")
 
   def submit(self, request: Request) -> None:
+    if self.error is not None:
+      raise RuntimeError(f"the engine stopped after an error ({self.error}); restart the server")
     self.check(request)
     self.waiting.put(request)
 
@@ -123,15 +127,24 @@ class Engine:
       self._thread.join()
 
   def status(self) -> dict[str, Any]:
-    return {"slots": self.slots, "active": sum(r is not None for r in self.rows), "waiting": self.waiting.qsize(),
+    return {"error": self.error, "slots": self.slots, "active": sum(r is not None for r in self.rows), "waiting": self.waiting.qsize(),
             "finished": self.finished_count, "cancelled": self.cancelled_count, "cache_len": self.cache_len,
             "compiled": {"prefill": steps.prefill._cache_size(), "decode_step": steps.decode_step._cache_size()}}
 
   # ------------------------------------------------------------------ the engine's thread
 
   def _run(self) -> None:
-    while not self._stopped.is_set():
-      self.step(block=True)
+    try:
+      while not self._stopped.is_set():
+        self.step(block=True)
+    except Exception as e:  # a bug or an out-of-memory: say so, and end every request instead of leaving it hanging
+      self.error = f"{type(e).__name__}: {e}"
+      traceback.print_exc()
+      for row, request in enumerate(self.rows):
+        if request is not None:
+          self._finish(row, "error")
+      while not self.waiting.empty():
+        self.waiting.get().on_event(Event("", [], "error"))
 
   def step(self, block: bool = False) -> None:
     """One iteration: drop cancelled requests, admit waiting ones into free slots, one decode step for all."""

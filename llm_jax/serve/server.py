@@ -65,7 +65,9 @@ def create_app(engine: Engine, model_name: str, template: templates.Template) ->
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "model": model_name, **engine.status()}
+    status = engine.status()
+    return responses.JSONResponse({"status": "error" if status["error"] else "ok", "model": model_name, **status},
+                                  status_code=500 if status["error"] else 200)
 
   @app.get("/v1/models")
   async def models():
@@ -108,6 +110,8 @@ def create_app(engine: Engine, model_name: str, template: templates.Template) ->
           continue
         text.append(event.text)
         token_ids += event.token_ids
+        if event.finish_reason == "error":
+          return _error(500, f"generation failed: {engine.error}")
         if event.finish_reason:
           return whole(rid, body.model or model_name, "".join(text), token_ids, event.finish_reason, len(prompt))
     finally:

@@ -37,7 +37,7 @@ from llm_jax import checksums
 from llm_jax import config as config_lib
 from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
-from llm_jax.model import transformer
+from llm_jax.model import quant, transformer
 
 # Model fields that do not change the parameters' shapes or meaning: a run may change them.
 RUNTIME_FIELDS = frozenset({"dtype", "scan_layers", "remat", "attention", "embed_dropout", "attn_dropout",
@@ -355,7 +355,7 @@ def restore_params(path: str | pathlib.Path, model: config_lib.ModelConfig | Non
   model = model or saved.model
   check_same_architecture(saved.model, model, str(params_dir.parent))
   saved_model = dataclasses.replace(model, scan_layers=saved.model.scan_layers)
-  abstract = transformer.abstract_params(saved_model)
+  abstract = abstract_params(saved_model)
   if shardings is not None and saved_model.scan_layers == model.scan_layers:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   else:
@@ -367,6 +367,14 @@ def restore_params(path: str | pathlib.Path, model: config_lib.ModelConfig | Non
   if shardings is not None:
     params = jax.device_put(params, shardings)
   return params, dataclasses.replace(saved, model=model)
+
+
+def abstract_params(model: config_lib.ModelConfig) -> Any:
+  """The shapes and dtypes a checkpoint of `model` holds: int8 weights and their scales where model.quantize says."""
+  abstract = transformer.abstract_params(model)
+  if model.quantize == "none":
+    return abstract
+  return jax.eval_shape(lambda p: quant.quantize(p, model.quantize_embeddings), abstract)
 
 
 def _restore_lora(params_dir: pathlib.Path, saved: config_lib.Config, model: config_lib.ModelConfig,
@@ -392,18 +400,25 @@ def _restore_lora(params_dir: pathlib.Path, saved: config_lib.Config, model: con
 
 
 def export_params(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str | None = None,
-                  merge_lora: bool = False) -> pathlib.Path:
-  """`llm-jax export`: the latest parameters (optionally cast) as a parameters-only checkpoint.
+                  merge_lora: bool = False, quantize: str = "none", quantize_embeddings: bool = False) -> pathlib.Path:
+  """`llm-jax export`: the latest parameters (optionally quantized and cast) as a parameters-only checkpoint.
 
   A LoRA run exports only with `merge_lora`: its base with the adapters merged in, plain weights.
+  `quantize="int8"` rounds the float weights (model/quant.py) before `dtype` casts what stays float.
   """
   saved = find_params(workdir)[1]
   if saved.finetune.lora_rank and not merge_lora:
     raise CheckpointError(f"{workdir} is a LoRA run (adapters on {saved.train.init_from}); pass --merge-lora to "
                           "export the base with the adapters merged in")
+  if quantize != "none" and saved.model.quantize != "none":
+    raise CheckpointError(f"{workdir} is already quantized ({saved.model.quantize}); export the float checkpoint it "
+                          "came from")
   params, config = restore_params(workdir)
+  if quantize != "none":
+    params = quant.quantize(params, quantize_embeddings)
+    config = config_lib.replace(config, model={"quantize": quantize, "quantize_embeddings": quantize_embeddings})
   if dtype:
-    params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
+    params = quant.cast(params, dtype)
     config = config_lib.replace(config, model={"param_dtype": dtype})
   out = save_params(out, params, config)
   folder = tokenizer_folder(workdir)

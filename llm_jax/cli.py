@@ -107,13 +107,19 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
   import llm_jax
   prompts = read_prompts(args.prompt, args.prompts_file)
+  if args.speculate is not None and not args.draft_workdir:
+    raise config_lib.ConfigError("--speculate sets the draft model's tokens per round; add --draft-workdir DIR")
   model = llm_jax.load(args.workdir)
+  speculative = {}
+  if args.draft_workdir:
+    draft = llm_jax.load(args.draft_workdir)
+    speculative = {"draft": (draft.params, draft.config.model), "speculate": args.speculate or 4}
   if "" in prompts and (args.raw or model.config.data.format == "text"):  # a template gives it text around it
     print("llm-jax: note: an empty prompt is conditioned on the bos token alone, which models trained by llm-jax "
           "never see; give them some text, e.g. a newline", file=sys.stderr)
   results = model.generate(
       prompts, raw=args.raw, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-      top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json)
+      top_p=args.top_p, num_beams=args.num_beams, seed=args.seed, return_details=args.json, **speculative)
   for result in results:
     print(json.dumps(result) if args.json else result)
   return 0
@@ -133,9 +139,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
   from llm_jax import workdir
   config_lib.check_export_dtype(args.dtype)
+  if args.quantize_embeddings and args.quantize == "none":
+    raise config_lib.ConfigError("--quantize-embeddings quantizes along with the projections; add --quantize int8")
   workdir.refuse_run_folder(args.out, "export")  # before anything is written, and before the heavy imports
   from llm_jax import checkpoint
-  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype, merge_lora=args.merge_lora))
+  print(checkpoint.export_params(args.workdir, args.out, dtype=args.dtype, merge_lora=args.merge_lora,
+                                 quantize=args.quantize, quantize_embeddings=args.quantize_embeddings))
+  return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+  try:
+    from llm_jax.serve import server
+  except ImportError as e:
+    raise UserError(f"llm-jax serve needs the serve extra ({e.name} is missing); pip install 'llm-jax[serve]'") from None
+  server.serve(args.workdir, host=args.host, port=args.port, slots=args.slots)
   return 0
 
 
@@ -213,9 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-beams", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token ids, log-probs")
+  p.add_argument("--draft-workdir", help="a smaller model with the same tokenizer that proposes tokens for the "
+                 "target to check (speculative decoding: the same output, faster)")
+  p.add_argument("--speculate", type=int, help="with --draft-workdir: draft tokens per target forward pass (default 4)")
   p.add_argument("--raw", action="store_true",
                  help="use prompts as they are, not through the run's instruction template (data.format alpaca or chat)")
   p.set_defaults(handler=_cmd_generate)
+
+  p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (the serve extra)")
+  p.add_argument("--workdir", required=True, help="a run's workdir, a checkpoint or an export (int8 too)")
+  p.add_argument("--host", default="127.0.0.1", help="the address to listen on (127.0.0.1: this machine only)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--slots", type=int, default=8, help="requests decoded together; more wait for a free slot")
+  p.set_defaults(handler=_cmd_serve)
 
   p = sub.add_parser("plot", help="draw the loss (against steps and tokens), learning rate and tokens/s of runs")
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="one or more runs, overlaid and named by folder")
@@ -233,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True)
   p.add_argument("--dtype", default=None, help="cast parameters: float32 or bfloat16 (what llm_jax.load reads)")
   p.add_argument("--merge-lora", action="store_true", help="a LoRA run: write its base with the adapters merged in")
+  p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                 help="int8: weight-only int8 projections, one scale per output channel (for inference)")
+  p.add_argument("--quantize-embeddings", action="store_true",
+                 help="with --quantize: the token embedding and output head in int8 too")
   p.set_defaults(handler=_cmd_export)
   return parser
 

@@ -66,6 +66,8 @@ class ModelConfig:
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
   num_classes: int = 0  # >= 2: a classifier [d_model, num_classes] on each example's last token (classification)
+  quantize: str = "none"  # "int8": weight-only int8 projections, written by `llm-jax export --quantize` (inference only)
+  quantize_embeddings: bool = False  # with quantize: the token embedding and output head in int8 too
 
   @property
   def dim_per_head(self) -> int:
@@ -194,6 +196,7 @@ _CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "einsum"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.quantize": ("none", "int8"),
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "data.text_split": ("file", "blank_line"),
@@ -499,8 +502,8 @@ def check_export_dtype(dtype: str | None) -> None:
   if dtype is None or dtype in allowed:
     return
   if dtype.startswith(("int", "uint")):
-    raise ConfigError(f"--dtype {dtype}: integer exports are quantization, which belongs to the planned --quantize "
-                      f"of llm-jax's inference work; export one of {', '.join(allowed)}")
+    raise ConfigError(f"--dtype {dtype}: integer weights are quantization; pass --quantize int8 (and --dtype one of "
+                      f"{', '.join(allowed)} for the parameters that stay float)")
   raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(allowed)} (the parameter dtypes llm_jax.load and "
                     "generate read)")
 
@@ -510,6 +513,9 @@ def validate(config: Config, num_devices: int) -> tuple[int, int, int]:
   check_choices(config)
   validate_model(config.model)
   validate_ranges(config)
+  if config.model.quantize != "none":
+    raise ConfigError(f"model.quantize={config.model.quantize!r} is for inference: int8 weights do not train; train "
+                      "(or set train.init_from to) the float checkpoint, then `llm-jax export --quantize int8`")
   data, fsdp, tensor = resolve_mesh(config.mesh, num_devices)
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}; "

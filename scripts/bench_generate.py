@@ -25,6 +25,17 @@ model may legitimately part them late; a wrong model would part them at once).
 
 Every figure is the best of `--repeats` timed calls after a warm-up (compilation excluded),
 all contenders interleaved so they see the same machine load; `load_avg_1m` records it.
+
+Speculative decoding needs a draft that agrees with its target, so it is measured on trained
+models instead (that run prints only its own JSON line):
+
+    .venv/bin/python scripts/bench_generate.py --workdir runs/wiki10m --draft-workdir runs/wikidraft \
+        --speculate 4 --text ../shared/data/wikitext-2/raw/wiki.test.raw
+
+Prompts are 8 windows of 64 tokens of `--text`; 128 new tokens, greedy and sampled (temperature
+0.8), batch 1 (one prompt per call, as a chat user waits) and batch 8. `acceptance_rate` is
+accepted / proposed draft tokens, `speedup` the target alone's wall time over speculative's for
+the same prompts, and `same_tokens` says greedy speculative gave the target's own tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import time
 
 import jax
@@ -85,10 +97,58 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, threads: int =
   return out[:, ids.shape[1]:].tolist()
 
 
+def bench_speculative(args) -> None:
+  import pathlib
+  import llm_jax
+  from llm_jax.sampling import speculative
+  target, draft = llm_jax.load(args.workdir), llm_jax.load(args.draft_workdir)
+  text = pathlib.Path(args.text).read_text(encoding="utf-8").replace("\r\n", "\n")
+  ids = target.tokenizer.encode(text)
+  prompts = [ids[i * 4096:i * 4096 + 64] for i in range(8)]
+  cfg, eos = target.config.model, target.tokenizer.eos_id
+  result = {"workdir": args.workdir, "draft_workdir": args.draft_workdir, "speculate": args.speculate,
+            "target_params": sum(x.size for x in jax.tree.leaves(target.params)),
+            "draft_params": sum(x.size for x in jax.tree.leaves(draft.params)), "new_tokens": 128}
+  for mode, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+    for batch in (1, 8):
+      groups = [prompts[i:i + batch] for i in range(0, 8, batch)]
+      plain = lambda: [sampling.generate(target.params, cfg, g, max_new_tokens=128, temperature=temperature,  # noqa: E731
+                                         eos_id=eos) for g in groups]
+      fast = lambda: [speculative.generate(target.params, cfg, draft.params, draft.config.model, g,  # noqa: E731
+                                           max_new_tokens=128, num_draft=args.speculate, temperature=temperature,
+                                           eos_id=eos) for g in groups]
+      plain_out, fast_out = plain(), fast()  # compile
+      times = {"plain": [], "fast": []}
+      for _ in range(args.repeats):
+        times["plain"].append(timed(plain))
+        times["fast"].append(timed(fast))
+      key = f"{mode}_b{batch}"
+      tokens = sum(len(c.tokens) for out in plain_out for c in out)
+      result[f"{key}_target_tokens_per_s"] = round(tokens / min(times["plain"]), 1)
+      result[f"{key}_speculative_tokens_per_s"] = round(
+          sum(len(c.tokens) for out in fast_out for c in out.completions) / min(times["fast"]), 1)
+      result[f"{key}_speedup"] = round(min(times["plain"]) / min(times["fast"]), 3)
+      result[f"{key}_acceptance_rate"] = round(float(np.mean([out.acceptance_rate for out in fast_out])), 3)
+      if mode == "greedy":
+        result[f"{key}_same_tokens"] = [c.tokens for out in plain_out for c in out] == [
+            c.tokens for out in fast_out for c in out.completions]
+  lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+  result["cpu"] = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown")
+  result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+  print(json.dumps(result))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--workdir", help="with --draft-workdir: the trained target of the speculative benchmark")
+  parser.add_argument("--draft-workdir", help="a trained draft: measure speculative decoding instead")
+  parser.add_argument("--speculate", type=int, default=4)
+  parser.add_argument("--text", help="the text the speculative benchmark's prompts come from")
   args = parser.parse_args()
+  if args.draft_workdir:
+    bench_speculative(args)
+    return
 
   cfg = presets.get("gpt-10m")
   scanned = transformer.init_params(cfg, jax.random.key(0))

@@ -120,8 +120,8 @@ def test_convert_to_hf_into_a_run_is_refused(run, template, tmp_path):
 @pytest.mark.parametrize("dtype, message", [
     ("float16", "--dtype float16: expected one of float32, bfloat16 (the parameter dtypes llm_jax.load and generate "
                 "read)"),
-    ("int8", "--dtype int8: integer exports are quantization, which belongs to the planned --quantize of llm-jax's "
-             "inference work; export one of float32, bfloat16"),
+    ("int8", "--dtype int8: integer weights are quantization; pass --quantize int8 (and --dtype one of float32, "
+             "bfloat16 for the parameters that stay float)"),
     ("bfloat17", "--dtype bfloat17: expected one of float32, bfloat16 (the parameter dtypes llm_jax.load and "
                  "generate read)"),
 ])

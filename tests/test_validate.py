@@ -82,7 +82,7 @@ def test_eval_fraction_of_local_files_must_hold_something_out(fraction):
 @pytest.mark.parametrize("dtype, message", [
     ("float16", r"--dtype float16: expected one of float32, bfloat16 \(the parameter dtypes llm_jax.load"),
     ("bfloat17", "--dtype bfloat17: expected one of float32, bfloat16"),
-    ("int8", "--dtype int8: integer exports are quantization, which belongs to the planned --quantize"),
+    ("int8", r"--dtype int8: integer weights are quantization; pass --quantize int8 \(and --dtype one of"),
 ])
 def test_export_dtype_must_be_one_the_loader_reads(dtype, message):
   with pytest.raises(ConfigError, match=message):

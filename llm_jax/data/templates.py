@@ -171,11 +171,19 @@ def render(template: Template, messages: Sequence[Message]) -> list[Part]:
 
 def render_prompt(template: Template, text: str) -> str:
   """What training saw before the response of the conversation [user: text]: the text to generate from."""
+  return render_chat_prompt(template, [Message("user", text)])
+
+
+def render_chat_prompt(template: Template, messages: Sequence[Message]) -> str:
+  """The text before the next assistant response to `messages`: what a chat model answers from.
+
+  Every template ends an assistant turn with its response and the eos part, so the prompt is all
+  before those two; the eos ending an earlier response has no text and is left out of it.
+  """
   if isinstance(template, ChatTemplate):
-    return template.render([Message("user", text)], add_generation_prompt=True)
-  parts = template.parts([Message("user", text), Message("assistant", "")])
-  first = next(i for i, (_, trained) in enumerate(parts) if trained)
-  return "".join(part for part, _ in parts[:first])
+    return template.render(messages, add_generation_prompt=True)
+  parts = template.parts([*messages, Message("assistant", "")])
+  return "".join(part for part, _ in parts[:-2] if part is not EOS)
 
 
 # ----------------------------------------------------------------------------- Hugging Face chat templates

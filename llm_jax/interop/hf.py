@@ -562,6 +562,9 @@ def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> str:
   from llm_jax.data import hf_tokenizer
   workdir = pathlib.Path(workdir)
   workdir_lib.refuse_run_folder(out_dir, "convert --to-hf")
+  if checkpoint.find_params(workdir)[1].model.quantize != "none":
+    raise checkpoint.CheckpointError(f"{workdir} holds int8 weights, which transformers' checkpoints do not; convert "
+                                     "the float checkpoint it was exported from")
   params, config = checkpoint.restore_params(workdir)
   source = workdir / HF_CONFIG_FILE
   extra = {}

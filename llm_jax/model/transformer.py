@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config import ModelConfig
-from llm_jax.model import layers, lora
+from llm_jax.model import layers, lora, quant
 from llm_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -167,8 +167,9 @@ def is_scanned(params: Params) -> bool:
 
 
 def _dense(x: jax.Array, p: Params, spec: str, dtype) -> jax.Array:
-  """x times a projection's kernel (+ bias); the one place a weight multiplies, where a LoRA adapter adds in."""
-  y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
+  """x times a projection's kernel (+ bias); the one place a weight multiplies, where a LoRA adapter adds in
+  and an int8 kernel (model/quant.py) is scaled."""
+  y = quant.einsum(spec, x, p, "kernel", dtype)
   if "lora_a" in p:
     y = y + lora.delta(x, p, spec, dtype)
   return y + layers.lead(p["bias"].astype(dtype), y) if "bias" in p else y
@@ -236,8 +237,9 @@ def embed(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, positions_BL: 
   dtype = jnp.dtype(cfg.dtype)
   # Gather from a replicated table: a gather from a (vocab, embed)-sharded one makes XLA
   # rematerialize the whole table anyway, and with a warning.
-  table_VD = constrain(params["embed_tokens"]["embedding"], (None, None)).astype(dtype)
-  x_BLD = table_VD[tokens_BL]
+  table = params["embed_tokens"]
+  table = {**table, "embedding": constrain(table["embedding"], (None, None))}
+  x_BLD = quant.take(table, "embedding", tokens_BL, dtype)
   if cfg.position == "learned":
     x_BLD = x_BLD + params["embed_positions"]["embedding"].astype(dtype)[positions_BL]
   x_BLD = layers.dropout(x_BLD, cfg.embed_dropout, rng)
@@ -256,11 +258,11 @@ def unembed(params: Params, cfg: ModelConfig, x_BLD: jax.Array) -> jax.Array:
 def lm_head(params: Params, cfg: ModelConfig, h_BLD: jax.Array) -> jax.Array:
   """The output head on final-normed hidden states; logits in float32."""
   if cfg.tie_embeddings:
-    w_VD = params["embed_tokens"]["embedding"].astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,vd->blv", h_BLD, w_VD, preferred_element_type=jnp.float32)
+    logits_BLV = quant.einsum("bld,vd->blv", h_BLD, params["embed_tokens"], "embedding", h_BLD.dtype,
+                              preferred_element_type=jnp.float32)
   else:
-    w_DV = params["lm_head"]["kernel"].astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
+    logits_BLV = quant.einsum("bld,dv->blv", h_BLD, params["lm_head"], "kernel", h_BLD.dtype,
+                              preferred_element_type=jnp.float32)
     if "lora_a" in params["lm_head"]:
       logits_BLV = logits_BLV + lora.delta(h_BLD, params["lm_head"], "bld,dv->blv", h_BLD.dtype).astype(jnp.float32)
   return constrain(logits_BLV, ("batch", "length", "vocab"))

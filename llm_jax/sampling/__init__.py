@@ -16,7 +16,7 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.errors import UserError
-from llm_jax.sampling import beam, decode
+from llm_jax.sampling import beam, decode, speculative
 from llm_jax.sampling.decode import Completion, KVCache, extend, init_cache
 from llm_jax.sampling.strategies import (Sampler, categorical, greedy, scale_by_temperature, top_k_filter,
                                          top_p_filter)
@@ -37,18 +37,27 @@ def _params_mesh(params: Any) -> jax.sharding.Mesh | None:
 def generate(params: Any, cfg: ModelConfig, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
              length_penalty: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             stop: Sequence[Sequence[int]] = ()) -> list[Completion]:
+             stop: Sequence[Sequence[int]] = (), draft: tuple[Any, ModelConfig] | None = None,
+             speculate: int = 4) -> list[Completion]:
   """Continues each prompt (token ids; lengths may differ) by up to max_new_tokens tokens.
 
   A row stops after `eos_id`, after any `stop` token sequence (matched in the generated
   tokens), or after max_new_tokens. Same seed, same prompts: same output. num_beams > 1 runs
   beam search, which is deterministic (temperature, top_k and top_p must stay off) and scores
   sum(log p) / length ** length_penalty. Sharded parameters run sharded (on their own mesh when
-  the caller has not entered one with `jax.set_mesh`).
+  the caller has not entered one with `jax.set_mesh`). `draft` (parameters and config of a smaller
+  model with the same tokenizer) decodes speculatively, `speculate` proposals per target pass: the
+  same tokens when greedy, the same distribution when sampling (speculative.py).
   """
   sampler = Sampler(temperature, top_k, top_p)
   if num_beams < 1:
     raise UserError(f"num_beams={num_beams}: expected at least 1")
+  if draft is not None:
+    if num_beams > 1:
+      raise UserError("speculative decoding samples or decodes greedily; drop num_beams, or the draft model")
+    return speculative.generate(params, cfg, *draft, prompt_ids, max_new_tokens=max_new_tokens, num_draft=speculate,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
+                                stop=stop).completions
   if num_beams > 1 and (temperature or top_k or top_p < 1):
     raise UserError("beam search is deterministic: leave temperature 0, top_k 0 and top_p 1 with num_beams > 1")
   prompt_BP, start_B, cache_len, stop_MW = decode.prepare(prompt_ids, max_new_tokens, cfg, stop)
@@ -96,7 +105,8 @@ def _finish(tokenizer: Any, prompt: str, prompt_ids: list[int], completion: Comp
 def generate_text(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
                   length_penalty: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                  return_details: bool = False) -> list[str] | list[dict[str, Any]]:
+                  return_details: bool = False, draft: tuple[Any, ModelConfig] | None = None,
+                  speculate: int = 4) -> list[str] | list[dict[str, Any]]:
   """The generated text of each prompt, or with return_details a dict per prompt.
 
   A prompt is conditioned on exactly `tokenizer.encode(prompt)`. An empty one is conditioned on
@@ -107,12 +117,12 @@ def generate_text(params: Any, model_cfg: ModelConfig, tokenizer: Any, prompts: 
 
   Rows stop at the tokenizer's eos, at a `stop` string or after max_new_tokens. The dict holds
   prompt, text, prompt_token_ids, token_ids, log_probs (the model's, per generated token),
-  finish_reason ("eos", "stop" or "length") and score.
+  finish_reason ("eos", "stop" or "length") and score. `draft` and `speculate`: as for `generate`.
   """
   prompt_ids = [list(tokenizer.encode(p)) or [tokenizer.bos_id] for p in prompts]
   stop_ids = [[i for i in tokenizer.encode(s) if i != tokenizer.bos_id] for s in stop]
   completions = generate(params, model_cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, seed=seed,
-                         eos_id=tokenizer.eos_id, stop=stop_ids)
+                         eos_id=tokenizer.eos_id, stop=stop_ids, draft=draft, speculate=speculate)
   results = [_finish(tokenizer, p, ids, c, stop) for p, ids, c in zip(prompts, prompt_ids, completions)]
   return results if return_details else [r["text"] for r in results]

@@ -47,7 +47,10 @@ class KVCache(NamedTuple):
   {"k": [B, G, S, K], "v": ...}. Heads come before slots because XLA's attention contracts per
   (batch, head): stored [B, S, G, K], every layer would copy its whole cache into that order at
   every step (on CPU attention over 256 slots took 8x longer). Both shard over batch and kv heads.
-  Row b's real tokens occupy slots [start_B[b], end); slots before start_B[b] are padding.
+  Row b's real tokens occupy slots [start_B[b], end); slots before start_B[b] are padding. `end`
+  is one scalar when every row moves in lockstep (`generate`: each step writes one slot for all
+  rows, in place), or [B] when rows move on their own (the serving engine's slots, speculative
+  decoding's accepted runs): then each row writes at its own end, a scatter.
   """
 
   kv: Any
@@ -87,21 +90,59 @@ def init_cache(params: Params, cfg: ModelConfig, start_B: jax.Array, length: int
 
 
 def _write(end: jax.Array) -> Any:
-  """The `update_cache` hook of `transformer.apply_layers_cached`: writes L slots at `end`.
+  """The `update_cache` hook of `transformer.apply_layers_cached`: writes L slots at `end` (scalar or [B]).
 
   The block sees keys and values as [B, S, G, K]; the transposes to and from the stored
   [B, G, S, K] fold into the attention's dot, which contracts per (batch, head).
   """
   def update(kv, i, k_BLGK, v_BLGK):
-    k_BGLK, v_BGLK = (x.transpose(0, 2, 1, 3).astype(jax.tree.leaves(kv)[0].dtype) for x in (k_BLGK, v_BLGK))
-    if isinstance(kv, dict):  # scanned: one stacked array, i traced
-      k, v = (constrain(jax.lax.dynamic_update_slice(kv[name], new[None], (i, 0, 0, end, 0)), ("layers", *CACHE_AXES))
-              for name, new in (("k", k_BGLK), ("v", v_BGLK)))
+    dtype = jax.tree.leaves(kv)[0].dtype
+    scanned = isinstance(kv, dict)  # one stacked array, i traced
+    axes = ("layers",) * scanned + CACHE_AXES
+    layer = (i,) * scanned
+    if end.ndim:  # per row: row b's L slots from end[b]; the indexed shape is [B, L, G, K], the new keys' own
+      rows_B1 = jnp.arange(k_BLGK.shape[0])[:, None]
+      slots_BL = end[:, None] + jnp.arange(k_BLGK.shape[1])[None]
+      old = kv if scanned else kv[i]
+      k, v = (constrain(old[name].at[(*layer, rows_B1, slice(None), slots_BL)].set(new.astype(dtype), mode="drop"),
+                        axes) for name, new in (("k", k_BLGK), ("v", v_BLGK)))
+    else:
+      k_BGLK, v_BGLK = (x.transpose(0, 2, 1, 3).astype(dtype) for x in (k_BLGK, v_BLGK))
+      if scanned:
+        k, v = (constrain(jax.lax.dynamic_update_slice(kv[name], new[None], (i, 0, 0, end, 0)), axes)
+                for name, new in (("k", k_BGLK), ("v", v_BGLK)))
+      else:
+        k, v = (constrain(jax.lax.dynamic_update_slice(kv[i][name], new, (0, 0, end, 0)), axes)
+                for name, new in (("k", k_BGLK), ("v", v_BGLK)))
+    if scanned:
       return {"k": k, "v": v}, k[i].transpose(0, 2, 1, 3), v[i].transpose(0, 2, 1, 3)
-    k, v = (constrain(jax.lax.dynamic_update_slice(kv[i][name], new, (0, 0, end, 0)), CACHE_AXES)
-            for name, new in (("k", k_BGLK), ("v", v_BGLK)))
     return (*kv[:i], {"k": k, "v": v}, *kv[i + 1:]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   return update
+
+
+def extend_hidden(params: Params, cfg: ModelConfig, cache: KVCache,
+                  tokens_BL: jax.Array) -> tuple[jax.Array, KVCache]:
+  """Feeds L more tokens per row: writes their keys and values, returns every position's final hidden state.
+
+  Row b's tokens take slots end[b], end[b] + 1, ... (one shared end: the same slots for all rows)
+  and positions counted from start_B[b]. Hidden states [B, L, D] are before the final norm.
+  """
+  length = tokens_BL.shape[1]
+  num_slots = jax.tree.leaves(cache.kv)[0].shape[-2]
+  start_B1 = cache.start_B[:, None]
+  end_B1 = jnp.broadcast_to(cache.end, cache.start_B.shape)[:, None]
+  slots_BL = end_B1 + jnp.arange(length, dtype=jnp.int32)[None]
+  slots_S = jnp.arange(num_slots, dtype=jnp.int32)
+  q_positions_BL = jnp.maximum(slots_BL - start_B1, 0)
+  kv_positions_BS = jnp.maximum(slots_S[None] - start_B1, 0)
+  q_segments_BL = (slots_BL >= start_B1).astype(jnp.int32)
+  kv_segments_BS = ((slots_S[None] >= start_B1) & (slots_S[None] < end_B1 + length)).astype(jnp.int32)
+  mask_BLS = layers.attention_mask(q_segments_BL, kv_segments_BS, q_positions_BL, kv_positions_BS,
+                                   cfg.sliding_window)
+  x_BLD = transformer.embed(params, cfg, tokens_BL, q_positions_BL)
+  x_BLD, kv = transformer.apply_layers_cached(params, cfg, x_BLD, mask_BLS, q_positions_BL, cache.kv,
+                                              _write(cache.end))
+  return x_BLD, cache._replace(kv=kv, end=cache.end + length)
 
 
 def extend(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BL: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -110,22 +151,8 @@ def extend(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BL: jax.Arra
   Prefill is this on an empty cache with the left-padded prompt; a decode step is this with
   L = 1. Logits [B, V] are float32.
   """
-  length = tokens_BL.shape[1]
-  num_slots = jax.tree.leaves(cache.kv)[0].shape[-2]
-  start_B1 = cache.start_B[:, None]
-  slots_L = cache.end + jnp.arange(length, dtype=jnp.int32)
-  slots_S = jnp.arange(num_slots, dtype=jnp.int32)
-  q_positions_BL = jnp.maximum(slots_L[None] - start_B1, 0)
-  kv_positions_BS = jnp.maximum(slots_S[None] - start_B1, 0)
-  q_segments_BL = (slots_L[None] >= start_B1).astype(jnp.int32)
-  kv_segments_BS = ((slots_S[None] >= start_B1) & (slots_S[None] < cache.end + length)).astype(jnp.int32)
-  mask_BLS = layers.attention_mask(q_segments_BL, kv_segments_BS, q_positions_BL, kv_positions_BS,
-                                   cfg.sliding_window)
-  x_BLD = transformer.embed(params, cfg, tokens_BL, q_positions_BL)
-  x_BLD, kv = transformer.apply_layers_cached(params, cfg, x_BLD, mask_BLS, q_positions_BL, cache.kv,
-                                              _write(cache.end))
-  logits_BV = transformer.unembed(params, cfg, x_BLD[:, -1:])[:, 0]
-  return logits_BV, cache._replace(kv=kv, end=cache.end + length)
+  x_BLD, cache = extend_hidden(params, cfg, cache, tokens_BL)
+  return transformer.unembed(params, cfg, x_BLD[:, -1:])[:, 0], cache
 
 
 def stop_matches(recent_BW: jax.Array, stop_MW: jax.Array) -> jax.Array:

@@ -94,3 +94,18 @@ class Sampler:
     if self.is_greedy:
       return greedy(logits_BV)
     return categorical(self.filter(logits_BV), rng)
+
+
+def sample_rows(logits_BV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, keys_B: jax.Array) -> jax.Array:
+  """One token per row, each row with its own temperature (0: greedy), top-p (1: off) and key, all traced.
+
+  Row b draws what `Sampler(temperature_B[b], 0, top_p_B[b])` draws from it alone with key
+  keys_B[b], but a batch mixing every setting compiles once (the serving engine's rows are
+  independent requests).
+  """
+  def one(logits_V, temperature, top_p, key):
+    logits_1V = logits_V[None]
+    scaled_1V = scale_by_temperature(logits_1V, jnp.where(temperature > 0, temperature, 1.0))
+    filtered_1V = jnp.where(top_p < 1, top_p_filter(scaled_1V, top_p), scaled_1V)
+    return jnp.where(temperature > 0, categorical(filtered_1V, key)[0], greedy(logits_1V)[0])
+  return jax.vmap(one)(logits_BV, temperature_B, top_p_B, keys_B)

@@ -57,7 +57,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
   remat: str = "save_matmuls"  # "none", "full" or "save_matmuls" (fastest measured, see docs/benchmarks.md)
-  attention: str = "auto"  # "auto" (cudnn on GPU, einsum on CPU, xla on TPU), "xla", "cudnn" or "einsum"
+  attention: str = "auto"  # "auto" (cudnn on NVIDIA GPUs, splash on TPUs, einsum on CPUs), "xla", "cudnn", "splash"
+  #                          or "einsum"; see llm_jax/model/attention.py
   init_std: float = 0.02
   scaled_residual_init: bool = True  # GPT-2: residual output projections init with std / sqrt(2 x layers)
   embed_dropout: float = 0.0
@@ -185,7 +186,7 @@ _CHOICES = {
     "model.rope_scaling": ("none", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
     "model.remat": ("none", "full", "save_matmuls"),
-    "model.attention": ("auto", "xla", "cudnn", "einsum"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "einsum"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),

@@ -79,6 +79,7 @@ class MeshConfig:
   fsdp: int = -1  # -1 takes every device the other axes leave
   tensor: int = 1
   cpu_devices: int = 0  # CPU hosts: split each into this many XLA devices (0 = one); see distributed.py
+  mode: str = "jit"  # "jit": the sharded step (data, fsdp, tensor); "pmap": the same step under jax.pmap, data only
   coordinator_address: str = ""  # "host:port" for jax.distributed; "" = auto (TPU, SLURM) or single process
   num_processes: int = 0  # 0 = from the environment
   process_id: int = -1  # -1 = from the environment
@@ -186,6 +187,7 @@ _CHOICES = {
     "model.rope_scaling": ("none", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
     "model.remat": ("none", "full", "save_matmuls"),
+    "mesh.mode": ("jit", "pmap"),
     "model.attention": ("auto", "xla", "cudnn", "splash", "einsum"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -474,6 +476,9 @@ def validate(config: Config, num_devices: int) -> tuple[int, int, int]:
   validate_model(config.model)
   validate_ranges(config)
   data, fsdp, tensor = resolve_mesh(config.mesh, num_devices)
+  if config.mesh.mode == "pmap" and (fsdp > 1 or tensor > 1):
+    raise ConfigError(f"mesh.mode=pmap is pure data parallelism, but the mesh has fsdp={fsdp} and tensor={tensor}; set "
+                      "mesh.data=-1 mesh.fsdp=1 mesh.tensor=1, or mesh.mode=jit for FSDP and tensor parallelism")
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}; "
                       "lower data.seq_len or raise model.max_len")

@@ -41,7 +41,7 @@ def _config(shared_data, steps, mode):
   return config_lib.override(config_lib.load_file(REPO / "configs/tiny_shakespeare.py"), [
       f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}", "data.text_split=blank_line",
       "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4", "model.d_ff=128",
-      "data.seq_len=32", "model.max_len=32", "train.batch_size=16", "optim.warmup_steps=2", "optim.learning_rate=3e-3",
+      "data.seq_len=32", "model.max_len=32", "train.batch_size=16", "optim.warmup_steps=1", "optim.learning_rate=3e-3",
       "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "optim.schedule=constant",
       "sample.max_new_tokens=0", "mesh.cpu_devices=0", f"train.steps={steps}", *mesh])
 

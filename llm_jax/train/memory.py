@@ -6,10 +6,10 @@ For one device of the config's mesh, at its batch, sequence length, dtypes and r
   optimizer    the optax state's shards (its real tree: AdamW's two moments, Adafactor's factors, ...)
   gradients    one more parameter-sized set of shards (the step holds them beside the old parameters)
   activations  what the forward pass keeps for the backward pass: per layer, what the remat policy
-               saves, plus the float32 logits of the output head and their gradient
-  working      the parameters the step gathers out of their FSDP shards (at most every layer's,
-               in model.dtype, when the whole stack is gathered ahead of the layer loop) and the
-               replicated embedding table that the token lookup reads
+               saves, plus the float32 logits of the output head and their gradient; and the one
+               layer whose backward is running, with every intermediate its remat recomputed
+  gathered     the weights of one layer gathered out of their FSDP shards (in model.dtype), and
+               the replicated copy of the embedding table that the token lookup reads
 
 The estimate is checked against the compiled step's own `memory_analysis()` on CPU
 (tests/test_memory.py); on accelerators, XLA's fusion choices move the activations by some
@@ -44,26 +44,31 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
   return total
 
 
-def saved_per_token(model: config_lib.ModelConfig, seq_len: int, tensor: int, fused_attention: bool) -> int:
+def saved_per_token(model: config_lib.ModelConfig, seq_len: int, tensor: int, fused_attention: bool,
+                    remat: str = "") -> int:
   """Elements one layer keeps for the backward pass per token, under the model's remat policy.
 
   full: the layer's input only. save_matmuls: the input and every weight matmul's output
   (q, k, v, the attention output's projection, the MLP's up, gate and down). none: everything,
-  including attention's [heads, keys] weights per query unless a fused kernel keeps only its
-  log-sum-exp. Head, kv-head and MLP widths are split over the tensor axis.
+  including attention's [heads, keys] arrays per query unless a fused kernel keeps only its
+  log-sum-exp. Head, kv-head and MLP widths are split over the tensor axis. The counts of
+  elementwise intermediates follow what XLA keeps on CPU (checked against `memory_analysis()`).
   """
   d, f = model.d_model, model.d_ff // tensor
   q, kv = model.num_heads * model.dim_per_head // tensor, model.num_kv_heads * model.dim_per_head // tensor
   up = f * (2 if model.mlp == "swiglu" else 1)
   matmuls = d + q + 2 * kv + d + up + d
-  if model.remat == "full":
+  policy = remat or model.remat
+  if policy == "full":
     return d
-  if model.remat == "save_matmuls":
+  if policy == "save_matmuls":
     return matmuls
   heads = model.num_heads // tensor
-  attention = heads if fused_attention else heads * seq_len
-  # the norms' outputs, rotated q and k, the attention output, the MLP's activation, the residuals
-  return matmuls + 2 * d + (q + kv if model.position == "rope" else 0) + q + f + attention + 2 * d
+  # unfused attention keeps its logits, their exponentials and the weights, [heads, keys] each per query
+  attention = heads if fused_attention else 3 * heads * seq_len
+  activation = (2 if model.mlp == "swiglu" else 3) * f  # silu: sigmoid and product; tanh GELU: cube, tanh, product
+  rope = q + kv if model.position == "rope" else 0
+  return matmuls + 2 * d + rope + q + attention + activation + 2 * d  # + norms, attention output, residuals
 
 
 def plan(config: config_lib.Config) -> dict[str, Any]:
@@ -88,11 +93,13 @@ def plan(config: config_lib.Config) -> dict[str, Any]:
   seq_len = min(config.data.seq_len, model.max_len)
   tokens = rows * seq_len
   logits = 2 * model.vocab_size // tensor * 4  # float32 logits and their gradient
-  activations = tokens * (model.num_layers * saved_per_token(model, seq_len, tensor, fused_attention) * compute + logits)
+  saved = saved_per_token(model, seq_len, tensor, fused_attention)
+  running = saved_per_token(model, seq_len, tensor, fused_attention, "none") - saved  # recomputed in its backward
+  activations = tokens * ((model.num_layers * saved + running) * compute + logits)
   gathered = 0
-  if fsdp > 1:  # the layers' weights gathered out of their FSDP shards, in the compute dtype
+  if fsdp > 1:  # one layer's weights gathered out of their FSDP shards, in the compute dtype
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(transformer.abstract_params(model)["layers"]))
-    gathered = layer_params // tensor * compute
+    gathered = layer_params // model.num_layers // tensor * compute
   if fsdp > 1 or tensor > 1:  # the lookup reads a replicated copy of the embedding table
     gathered += model.vocab_size * model.d_model * compute
   total = params + opt_state + trained + activations + gathered

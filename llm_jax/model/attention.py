@@ -201,8 +201,8 @@ def cudnn_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, seg
     k_BLGK, v_BLGK = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k_BLGK, v_BLGK))
   offsets_BM1, lengths_BM, overflow_B = segment_offsets(segment_ids_BL, max(2, min(max_segments, q_BLHK.shape[1])))
   out_BLHK = cudnn.dot_product_attention(
-      q_BLHK, k_BLGK, v_BLGK, None, None, lengths_BM, lengths_BM, offsets_BM1, offsets_BM1,
-      scale=1.0 / math.sqrt(q_BLHK.shape[-1]), mask_type=cudnn.MaskType.PADDING_CAUSAL,
+      q_BLHK, k_BLGK, v_BLGK, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
+      kv_offsets=offsets_BM1, scale=1.0 / math.sqrt(q_BLHK.shape[-1]), mask_type=cudnn.MaskType.PADDING_CAUSAL,
       sliding_window_length=sliding_window or None)
   keep_BL11 = (segment_ids_BL != 0)[:, :, None, None]
   out_BLHK = jnp.where(keep_BL11, out_BLHK, 0)

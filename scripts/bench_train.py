@@ -91,8 +91,21 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
       "page_faults_per_step": round(faults_per_step), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "attention": transformer.attention_implementation(config.model, seq_len),
       "planned_bytes_per_device": memory.plan(config)["total"], "peak_device_bytes": peak_bytes,
-      "cpu": cpu_model(),
+      "cpu": cpu_model(), "cpu_flags": cpu_flags(),
   }
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+  """The processor's vector and matrix extensions that XLA's and torch's CPU kernels choose between."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return [flag for flag in VECTOR_FLAGS if flag in flags]
 
 
 def cpu_model() -> str:

@@ -141,9 +141,9 @@ def packed_inputs(length, heads=4, kv_heads=2, head_dim=8, seed=0):
 
 @pytest.mark.parametrize("implementation", ["xla", "einsum"])
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_masked_paths_match_the_reference(implementation, window, kv_heads):
-  q, k, v, seg, pos = packed_inputs(40, kv_heads=kv_heads)
+def test_masked_paths_match_the_reference(implementation, window):
+  """Grouped queries (4 heads on 2 kv heads) over packed rows; test_model.py covers 1 and 4 kv heads."""
+  q, k, v, seg, pos = packed_inputs(40, kv_heads=2)
   out = jax.jit(lambda *xs: layers.attention(*xs[:3], layers.Segments(*xs[3:]), implementation=implementation,
                                              sliding_window=window, causal_blocks=2 if implementation == "einsum" else 1)
                 )(q, k, v, seg, pos)

@@ -4,34 +4,13 @@ import json
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import sharding
 from llm_jax.model import presets
-from llm_jax.train import memory, optim
-from llm_jax.train import state as state_lib
-from llm_jax.train import step as step_lib
+from llm_jax.train import memory
 
 MESH = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
-
-
-def compiled_bytes(config):
-  """Bytes per device of the compiled train step: its arguments and temporaries (the new state is donated)."""
-  mesh = sharding.make_mesh(config.mesh)
-  optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  schedule = optim.schedule(config.optim, config.train.steps)
-  shardings = state_lib.shardings(config.model, optimizer, mesh)
-  train_step, _ = step_lib.compile_steps(config, optimizer, schedule, mesh, shardings)
-  rows = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
-                              sharding=sharding.batch_sharding(mesh))
-  batch = {k: rows for k in ("inputs", "targets", "segment_ids", "positions")}
-  batch["loss_mask"] = jax.ShapeDtypeStruct(rows.shape, jnp.float32, sharding=rows.sharding)
-  with jax.set_mesh(mesh):
-    stats = train_step.jitted.lower(state_lib.abstract(config.model, optimizer, mesh), batch).compile().memory_analysis()
-  return stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
 
 
 @pytest.mark.parametrize("preset,batch,seq_len", [("gpt-10m", 8, 256), ("tiny-llama", 16, 64)])
@@ -42,7 +21,7 @@ def test_estimate_is_within_a_quarter_of_the_compiled_step(preset, batch, seq_le
   parts = ("parameters", "optimizer_state", "gradients", "activations", "gathered_weights")
   assert planned["total"] == sum(planned[k] for k in parts)
   assert planned["optimizer_state"] > 1.9 * planned["parameters"]  # AdamW: two moments
-  compiled = compiled_bytes(config)
+  compiled = memory.compiled_bytes(config)
   assert 0.75 < planned["total"] / compiled < 1.25, (planned, compiled)
 
 

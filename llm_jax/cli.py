@@ -38,7 +38,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
   from llm_jax.model import stats
-  print(json.dumps(stats.summarize(_load_config(args)), indent=2))
+  from llm_jax.train import memory
+  config = _load_config(args)
+  print(json.dumps({**stats.summarize(config), "memory": memory.plan(config)}, indent=2))
   return 0
 
 

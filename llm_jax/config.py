@@ -59,7 +59,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
   remat: str = "save_matmuls"  # "none", "full" or "save_matmuls" (fastest measured, see docs/benchmarks.md)
-  attention: str = "auto"  # "auto" (cudnn on GPU, einsum on CPU, xla on TPU), "xla", "cudnn" or "einsum"
+  attention: str = "auto"  # "auto" (cudnn on NVIDIA GPUs, splash on TPUs, einsum on CPUs), "xla", "cudnn", "splash"
+  #                          or "einsum"; see llm_jax/model/attention.py
   init_std: float = 0.02
   scaled_residual_init: bool = True  # GPT-2: residual output projections init with std / sqrt(2 x layers)
   embed_dropout: float = 0.0
@@ -82,6 +83,7 @@ class MeshConfig:
   fsdp: int = -1  # -1 takes every device the other axes leave
   tensor: int = 1
   cpu_devices: int = 0  # CPU hosts: split each into this many XLA devices (0 = one); see distributed.py
+  mode: str = "jit"  # "jit": the sharded step (data, fsdp, tensor); "pmap": the same step under jax.pmap, data only
   coordinator_address: str = ""  # "host:port" for jax.distributed; "" = auto (TPU, SLURM) or single process
   num_processes: int = 0  # 0 = from the environment
   process_id: int = -1  # -1 = from the environment
@@ -193,7 +195,8 @@ _CHOICES = {
     "model.rope_scaling": ("none", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
     "model.remat": ("none", "full", "save_matmuls"),
-    "model.attention": ("auto", "xla", "cudnn", "einsum"),
+    "mesh.mode": ("jit", "pmap"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "einsum"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.quantize": ("none", "int8"),
@@ -517,6 +520,9 @@ def validate(config: Config, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"model.quantize={config.model.quantize!r} is for inference: int8 weights do not train; train "
                       "(or set train.init_from to) the float checkpoint, then `llm-jax export --quantize int8`")
   data, fsdp, tensor = resolve_mesh(config.mesh, num_devices)
+  if config.mesh.mode == "pmap" and (fsdp > 1 or tensor > 1):
+    raise ConfigError(f"mesh.mode=pmap is pure data parallelism, but the mesh has fsdp={fsdp} and tensor={tensor}; set "
+                      "mesh.data=-1 mesh.fsdp=1 mesh.tensor=1, or mesh.mode=jit for FSDP and tensor parallelism")
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}; "
                       "lower data.seq_len or raise model.max_len")

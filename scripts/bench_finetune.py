@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 
 import jax
 import numpy as np
@@ -25,15 +23,7 @@ from llm_jax.train import optim
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
-from bench_train import DEFAULTS, random_batch, time_steps  # scripts/ is on sys.path when run as a script
-
-
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-  except (OSError, StopIteration):
-    return platform.processor()
+from bench_train import DEFAULTS, cpu_model, random_batch, time_steps  # scripts/ is on sys.path when run as a script
 
 
 def measure(config: config_lib.Config, steps: int) -> dict:

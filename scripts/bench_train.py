@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
+import subprocess
 import time
 
 import jax
@@ -23,8 +25,8 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax import distributed, host_memory, sharding
-from llm_jax.model import presets, stats
-from llm_jax.train import metrics, optim
+from llm_jax.model import presets, stats, transformer
+from llm_jax.train import memory, metrics, optim
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
@@ -39,8 +41,12 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int)
 
 
 def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len: int | None = None,
-                 steps: int = 25, dtype: str = "float32", overrides: list[str] = ()) -> dict:
-  """Compile time, median step time over `steps` steps after two warm-up steps, tokens/s, MFU."""
+                 steps: int = 25, dtype: str = "float32", overrides: list[str] = (), remat: str = "") -> dict:
+  """Compile time, median step time over `steps` steps after two warm-up steps, tokens/s, MFU.
+
+  `remat` "best" takes the policy that recomputes least while the planned step fits the device
+  (`memory.best_remat`, from the device's memory limit); "" keeps the config's.
+  """
   defaults = DEFAULTS.get(preset, dict(batch_size=8, seq_len=1024))
   batch_size = batch_size or defaults["batch_size"]
   seq_len = seq_len or defaults["seq_len"]
@@ -51,6 +57,13 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
   config = config_lib.override(config, list(overrides))
   distributed.set_cpu_devices(config.mesh.cpu_devices)
   config_lib.validate(config, jax.device_count())
+  device_stats = jax.devices()[0].memory_stats() or {}
+  if remat == "best":
+    if "bytes_limit" not in device_stats:
+      raise SystemExit("--remat best needs the device's memory limit, which this backend does not report")
+    remat = memory.best_remat(config, device_stats["bytes_limit"])
+  if remat:
+    config = config_lib.override(config, {"model.remat": remat})
 
   peak, peak_source = metrics.peak_flops()
   mesh = sharding.make_mesh(config.mesh)
@@ -65,6 +78,7 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
 
   compile_s, step_time, faults_per_step, out = time_steps(train_step, state, batches, steps)
   tokens_per_sec = batch_size * seq_len / step_time
+  peak_bytes = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   flops = stats.flops_per_token(config.model, seq_len)
   return {
       "preset": preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
@@ -75,7 +89,32 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
       "flops_per_token": flops, "loss": float(out["loss"]),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "page_faults_per_step": round(faults_per_step), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "attention": transformer.attention_implementation(config.model, seq_len),
+      "planned_bytes_per_device": memory.plan(config)["total"], "peak_device_bytes": peak_bytes,
+      "cpu": cpu_model(), "cpu_flags": cpu_flags(),
   }
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+  """The processor's vector and matrix extensions that XLA's and torch's CPU kernels choose between."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return []
+  return [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
+def cpu_model() -> str:
+  """The host processor's name (lscpu's "Model name"), which every benchmark line carries."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return platform.processor() or "unknown"
+  return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def time_steps(train_step, state, batches: list, steps: int) -> tuple[float, float, float, dict]:
@@ -105,11 +144,13 @@ def main() -> None:
   parser.add_argument("--seq-len", type=int)
   parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
   parser.add_argument("--dtype", default="float32", help="compute dtype")
+  parser.add_argument("--remat", default="", help="a model.remat policy, or best: the one that recomputes least "
+                      "while the planned step fits the device")
   parser.add_argument("--compare-torch", action="store_true",
                       help="also time the nanoGPT-style PyTorch model of scripts/torch_reference.py (gpt2 family)")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = parser.parse_args()
-  result = measure_step(args.preset, args.batch_size, args.seq_len, args.steps, args.dtype, args.overrides)
+  result = measure_step(args.preset, args.batch_size, args.seq_len, args.steps, args.dtype, args.overrides, args.remat)
   if args.compare_torch:
     model = presets.get(args.preset)
     result.update(torch_figures(model, result["batch_size"], result["seq_len"], args.steps, result["flops_per_token"],

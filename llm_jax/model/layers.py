@@ -11,9 +11,12 @@ accumulation there costs accuracy for no speed.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from llm_jax.model import attention as kernels
 
 
 def lead(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -84,19 +87,36 @@ def attention_mask(q_segments_BL: jax.Array, kv_segments_BS: jax.Array, q_positi
   return mask
 
 
-def attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: jax.Array,
+class Segments(NamedTuple):
+  """Packed self-attention given by its rows' documents, for kernels that build the mask themselves.
+
+  Causal by index within each contiguous segment (positions restart at 0 in each); 0 is padding.
+  """
+
+  segment_ids_BL: jax.Array
+  positions_BL: jax.Array
+
+
+def attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: jax.Array | Segments,
               *, implementation: str = "xla", causal_blocks: int = 1, dropout_rate: float = 0.0,
-              rng: jax.Array | None = None) -> jax.Array:
+              rng: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
   """Masked multi-head attention with grouped keys/values (G divides H); softmax in float32.
 
-  "xla" and "cudnn" go through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs).
-  "einsum" is our own: on CPU it measured 3x faster (docs/benchmarks.md), mostly by skipping
-  the masked half of causal attention, and it is the one path with attention dropout.
+  `implementation` comes from `attention.resolve`. "cudnn" and "splash" are the fused kernels
+  (`llm_jax/model/attention.py`) and take `Segments`; "xla" is `jax.nn.dot_product_attention`'s
+  XLA path; "einsum" is our own: on CPU it measured 3x faster (docs/benchmarks.md), mostly by
+  skipping the masked half of causal attention, and it is the one path with attention dropout.
+  `sliding_window` applies to `Segments` (a dense mask has it built in).
   """
+  if isinstance(mask_BLS, Segments):
+    seg, pos = mask_BLS
+    if implementation in kernels.FUSED:
+      fused = kernels.cudnn_attention if implementation == "cudnn" else kernels.splash_attention
+      return fused(q_BLHK, k_BSGK, v_BSGK, seg, sliding_window)
+    mask_BLS = attention_mask(seg, seg, pos, pos, sliding_window)
   if implementation == "einsum" or (dropout_rate and rng is not None):
     return blocked_attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS, causal_blocks, dropout_rate, rng)
-  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_BLS[:, None],
-                                      implementation=None if implementation == "cudnn" else "xla")
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_BLS[:, None], implementation="xla")
 
 
 def blocked_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask_BLS: jax.Array,

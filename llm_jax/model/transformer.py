@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm_jax.config import ModelConfig
-from llm_jax.model import layers, lora, quant
+from llm_jax.model import attention, layers, lora, quant
 from llm_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -205,9 +205,10 @@ def block(x_BLD: jax.Array, p: Params, cfg: ModelConfig, mask_BLS: jax.Array, po
     q_BLHK = layers.apply_rope(q_BLHK, positions_BL, inv_freq)
     k_BLGK = layers.apply_rope(k_BLGK, positions_BL, inv_freq)
   k_BSGK, v_BSGK = kv_cache(k_BLGK, v_BLGK) if kv_cache else (k_BLGK, v_BLGK)
-  out_BLHK = layers.attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS, implementation=attention_implementation(cfg),
+  implementation = attention_implementation(cfg, q_BLHK.shape[1], dense_mask=not isinstance(mask_BLS, layers.Segments))
+  out_BLHK = layers.attention(q_BLHK, k_BSGK, v_BSGK, mask_BLS, implementation=implementation,
                               causal_blocks=1 if kv_cache else _causal_blocks(q_BLHK.shape[1]),
-                              dropout_rate=cfg.attn_dropout, rng=attn_rng)
+                              dropout_rate=cfg.attn_dropout, rng=attn_rng, sliding_window=cfg.sliding_window)
   attn_BLD = _dense(out_BLHK, attn["o_proj"], "blhk,hkd->bld", dtype)
   x_BLD = x_BLD + layers.dropout(attn_BLD, cfg.resid_dropout, drop1).astype(x_BLD.dtype)
 
@@ -220,11 +221,16 @@ def block(x_BLD: jax.Array, p: Params, cfg: ModelConfig, mask_BLS: jax.Array, po
   return constrain(x_BLD, ("batch", "length", None))
 
 
-def attention_implementation(cfg: ModelConfig) -> str:
-  """`model.attention` "auto": cuDNN on GPUs, our blocked einsum on CPUs, XLA on TPUs."""
-  if cfg.attention != "auto":
-    return "xla" if cfg.attention == "cudnn" and jax.default_backend() != "gpu" else cfg.attention
-  return {"gpu": "cudnn", "cpu": "einsum"}.get(jax.default_backend(), "xla")
+def attention_implementation(cfg: ModelConfig, seq_len: int = 0, dense_mask: bool = False) -> str:
+  """The kernel `model.attention` runs on this machine (`attention.resolve`); a fallback of auto is said once.
+
+  `dense_mask`: attention under a KV cache, which only the masked paths take.
+  """
+  implementation, note = attention.resolve(
+      cfg.attention, attention.current_target(), dtype=cfg.dtype, head_dim=cfg.dim_per_head,
+      seq_len=seq_len or cfg.max_len, attn_dropout=cfg.attn_dropout, dense_mask=dense_mask)
+  attention.say_once(note)
+  return implementation
 
 
 def _causal_blocks(length: int) -> int:
@@ -341,7 +347,10 @@ def hidden(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, *, segment_id
     segment_ids_BL = jnp.ones_like(tokens_BL)
   if positions_BL is None:
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-  mask_BLS = layers.attention_mask(segment_ids_BL, segment_ids_BL, positions_BL, positions_BL, cfg.sliding_window)
+  if attention_implementation(cfg, tokens_BL.shape[1]) in attention.FUSED:  # they take the documents, not a mask
+    mask_BLS = layers.Segments(segment_ids_BL, positions_BL)
+  else:
+    mask_BLS = layers.attention_mask(segment_ids_BL, segment_ids_BL, positions_BL, positions_BL, cfg.sliding_window)
   embed_rng, layers_rng = _split_rng(rng, 2)
   x_BLD = embed(params, cfg, tokens_BL, positions_BL, embed_rng)
   x_BLD = apply_layers(params, cfg, x_BLD, mask_BLS, positions_BL, layers_rng)

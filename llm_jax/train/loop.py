@@ -142,6 +142,7 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   distributed.initialize(config.mesh)
   config = with_base(config)
   config_lib.validate(config, jax.device_count())
+  transformer.attention_implementation(config.model, config.data.seq_len)  # a kernel that cannot run fails here
   workdir = pathlib.Path(workdir).absolute()
   workdir_lib.check_writable(workdir)
   with workdir_lib.lock(workdir, is_primary=jax.process_index() == 0):  # one trainer per workdir

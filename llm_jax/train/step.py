@@ -48,13 +48,19 @@ def to_model(finetune: FinetuneConfig) -> ToModel:
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, model_params: ToModel, train: TrainConfig,
-               optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule
+               optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the summed gradients of `loss_fn`, divided by the global batch's count.
 
   Only `state.params` are differentiated and updated; `state.frozen` (a LoRA base) goes in as is.
+  Under `jax.pmap` (`axis_name` given) `batch` is this device's rows: the gradient and loss sums
+  are summed over devices before the division, so every device takes the same step, the one the
+  jitted step takes on the whole batch (a mean of per-device means would weigh each device's
+  tokens unequally wherever the loss masks differ).
   """
   rng, step_rng = jax.random.split(state.rng)
+  if axis_name is not None:  # each device its own dropout masks
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
   grad_fn = jax.grad(lambda p, b, r: loss_fn(model_params(state.frozen, p, r), b, r), has_aux=True)
   n = train.microbatches
 
@@ -66,6 +72,8 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: losses.LossFn, model
       return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, micro_rng)), None
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, step_rng))
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (_microbatches(batch, n), jax.random.split(step_rng, n)))
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
 
   count = jnp.maximum(sums["count"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
@@ -123,17 +131,17 @@ def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_sc
   """(train_step, eval_step) jitted with explicit shardings; the train state is donated.
 
   `loss_fn` defaults to the one the config asks for (`losses.for_config`). Both run under the
-  mesh so activation constraints in the model apply.
+  mesh so activation constraints in the model apply. With `mesh.mode=pmap` the same train step
+  runs under `jax.pmap` instead (`pmapped`); the caller sees no difference.
   """
   loss_fn = loss_fn or losses.for_config(config)
   model_params = to_model(config.finetune)
   batch_shardings = sharding.batch_sharding(mesh)  # one sharding for every array of the batch, whatever its keys
   replicated = sharding.replicated(mesh)
-  train = jax.jit(
-      functools.partial(train_step, loss_fn=loss_fn, model_params=model_params, train=config.train,
-                        optimizer=optimizer, lr_schedule=lr_schedule),
-      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
+  step = functools.partial(train_step, loss_fn=loss_fn, model_params=model_params, train=config.train,
+                           optimizer=optimizer, lr_schedule=lr_schedule)
+  train = jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+                  donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn, model_params=model_params),
                      in_shardings=(state_shardings.params, state_shardings.frozen, batch_shardings),
                      out_shardings=replicated)
@@ -146,4 +154,30 @@ def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_sc
     run.jitted = fn
     return run
 
+  if config.mesh.mode == "pmap":  # pmap has a mesh of its own, over the same devices
+    return pmapped(step, mesh), with_mesh(evaluate)
   return with_mesh(train), with_mesh(evaluate)
+
+
+PMAP_AXIS = "batch"
+
+
+def pmapped(step: Callable, mesh: Mesh) -> Callable:
+  """`step` under `jax.pmap` over the mesh's devices: pure data parallelism, for code that expects pmap.
+
+  The state goes in and comes out whole (`in_axes`/`out_axes` None: replicated on every device,
+  as the jitted step's state is on a data-only mesh), so checkpoints, evaluation and sampling
+  see the same arrays in either mode. Each global batch [B, ...] is cut into [devices, B /
+  devices, ...] in the mesh's device order, which keeps every row on the device that holds it.
+  """
+  devices = list(mesh.devices.flat)
+  n = len(devices)
+  parallel = jax.pmap(functools.partial(step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS, in_axes=(None, 0),
+                      out_axes=(None, None), devices=devices, donate_argnums=0)
+  split = jax.jit(lambda batch: jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch),
+                  out_shardings=sharding.batch_sharding(mesh))
+
+  def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return parallel(state, split(batch))
+
+  return run

@@ -199,7 +199,10 @@ class BatchIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues where `state` left off; this process takes its own rows' positions from it."""
-    for key, value in self._header.items():  # the settings a user changes first come first
+    # The settings a user sets come before "pieces", which follows from them (data.seq_len sets the
+    # default data.chunk_chars): the message names the cause, not its consequence.
+    for key in sorted(self._header, key=lambda key: key == "pieces"):
+      value = self._header[key]
       if state.get(key) != value:
         raise DataError(f"this run has {_HEADER_NAMES[key]}={value!r} but its checkpoint was saved with "
                         f"{state.get(key)!r}; resume with the saved value or start another --workdir")

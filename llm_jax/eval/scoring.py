@@ -8,8 +8,9 @@ over its batch axes (data, fsdp) and the parameters are replicated onto it unles
 live there. Every batch is dispatched before any result is fetched; results come back in
 request order.
 
-`rolling` is lm-eval's `loglikelihood_rolling`: a document is cut into windows of the model's
-context that together predict every token exactly once, each window a request of `score`.
+`classify` runs a classifier's head over examples the same way. `rolling` is lm-eval's
+`loglikelihood_rolling`: a document is cut into windows of the model's context that together
+predict every token exactly once, each window a request of `score`.
 
 Padding sits to the right of each row: attention is causal by position, so a real token never
 sees it. Requests are ordered by their tokens, not by where they came in, so the same set of
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.config import ModelConfig
 from llm_jax.errors import UserError
-from llm_jax.model import transformer
+from llm_jax.model import heads, transformer
 
 MIN_BUCKET = 16
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -129,34 +130,10 @@ def score(params: Any, model_cfg: ModelConfig, requests: Sequence[Request], *, b
   `batch_size` rows run at a time (fewer when there are fewer requests; rounded up to a multiple
   of the mesh's batch shards); the figures do not depend on it beyond float rounding.
   """
-  if batch_size < 1:
-    raise ScoringError(f"batch_size={batch_size}: expected at least 1")
   rows = [_row(c, x, model_cfg.max_len, i, truncate) for i, (c, x) in enumerate(requests)]
-  if not rows:
-    return []
-  shards = batch_shards(mesh)
-  batch_size = -(-min(batch_size, len(rows)) // shards) * shards
-  lengths = buckets(model_cfg.max_len)
-  bucket_of = lambda i: lengths[np.searchsorted(lengths, len(rows[i][0]) - 1)]  # noqa: E731
-  # Longest first (memory runs out at once if at all), then by tokens: batches never depend on the input order.
-  order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), rows[i][0], rows[i][1]))
-  put = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh))) if mesh is not None else jnp.asarray
-  if mesh is not None:
-    params = _place(params, mesh)
-  pending = []
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    for length, group in itertools.groupby(order, key=bucket_of):
-      group = list(group)
-      for start in range(0, len(group), batch_size):
-        chunk = group[start:start + batch_size]
-        arrays = _pack([rows[i] for i in chunk], batch_size, length)
-        pending.append((chunk, _score_rows(params, *map(put, arrays), cfg=model_cfg)))
-  results: list[Any] = [None] * len(rows)
-  for chunk, outputs in pending:
-    sums_B, greedy_B = jax.device_get(outputs)
-    for j, i in enumerate(chunk):
-      results[i] = (float(sums_B[j]), bool(greedy_B[j]))
-  return results
+  outputs = _batched(params, model_cfg, rows, [len(tokens) - 1 for tokens, _ in rows], _pack, _score_rows,
+                     batch_size=batch_size, mesh=mesh)
+  return [(float(total), bool(greedy)) for total, greedy in outputs]
 
 
 def _pack(rows: list[tuple[list[int], int]], batch_size: int, length: int) -> tuple[np.ndarray, ...]:
@@ -169,6 +146,77 @@ def _pack(rows: list[tuple[list[int], int]], batch_size: int, length: int) -> tu
     inputs_BL[b, :size], targets_BL[b, :size] = tokens[:-1], tokens[1:]
     mask_BL[b, size - n:size] = 1.0
   return inputs_BL, targets_BL, mask_BL
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _classify_rows(params: Any, inputs_BL: jax.Array, last_B: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+  """Class logits [B, C] read at each row's last real token."""
+  hidden_BLD = transformer.hidden(params, cfg, inputs_BL)
+  h_B1D = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)
+  return heads.classify(params, cfg, h_B1D)[:, 0]
+
+
+def _pack_examples(rows: list[list[int]], batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """inputs (int32) [batch_size, length] right-padded with 0, and each row's last index [batch_size]."""
+  inputs_BL = np.zeros((batch_size, length), np.int32)
+  last_B = np.zeros((batch_size,), np.int32)
+  for b, tokens in enumerate(rows):
+    inputs_BL[b, :len(tokens)], last_B[b] = tokens, len(tokens) - 1
+  return inputs_BL, last_B
+
+
+def classify(params: Any, model_cfg: ModelConfig, examples: Sequence[Sequence[int]], *, batch_size: int = 32,
+             mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """Class logits [N, C] (float32) of a classifier (model.num_classes > 0) for each example's token ids.
+
+  The head reads the last token, as in training, where each example ends with eos; an example
+  longer than model.max_len keeps its last tokens, as the trainer's rows do. Batched and
+  bucketed like `score`.
+  """
+  rows = [[int(t) for t in ids][-model_cfg.max_len:] for ids in examples]
+  if any(not row for row in rows):
+    raise ScoringError("an example without tokens cannot be classified; end each with the eos token, as training did")
+  outputs = _batched(params, model_cfg, rows, [len(r) for r in rows], _pack_examples, _classify_rows,
+                     batch_size=batch_size, mesh=mesh)
+  return np.stack([logits for (logits,) in outputs]) if outputs else np.zeros((0, model_cfg.num_classes), np.float32)
+
+
+def _batched(params: Any, model_cfg: ModelConfig, rows: list, lengths: list[int], pack: Callable,
+             compute: Callable, *, batch_size: int, mesh: jax.sharding.Mesh | None) -> list[tuple[np.ndarray, ...]]:
+  """`compute(params, *pack(batch rows, batch_size, bucket length), cfg=model_cfg)` over every row, each
+  output's row j belonging to the batch's row j; returns each row's outputs in the order of `rows`.
+
+  Rows go longest first (memory runs out at once if at all), then by content, so a batch never
+  depends on the order the rows came in; each is padded to its length bucket.
+  """
+  if batch_size < 1:
+    raise ScoringError(f"batch_size={batch_size}: expected at least 1")
+  if not rows:
+    return []
+  shards = batch_shards(mesh)
+  batch_size = -(-min(batch_size, len(rows)) // shards) * shards
+  sizes = buckets(model_cfg.max_len)
+  order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]))
+  put = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh) if x.ndim == 2 else
+                                  jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch",))))
+         ) if mesh is not None else jnp.asarray
+  if mesh is not None:
+    params = _place(params, mesh)
+  pending = []
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    for length, group in itertools.groupby(order, key=lambda i: sizes[np.searchsorted(sizes, lengths[i])]):
+      group = list(group)
+      for start in range(0, len(group), batch_size):
+        chunk = group[start:start + batch_size]
+        arrays = pack([rows[i] for i in chunk], batch_size, length)
+        pending.append((chunk, compute(params, *map(put, arrays), cfg=model_cfg)))
+  results: list[Any] = [None] * len(rows)
+  for chunk, outputs in pending:
+    outputs = jax.device_get(outputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    for j, i in enumerate(chunk):
+      results[i] = tuple(out[j] for out in outputs)
+  return results
 
 
 def rolling_windows(token_ids: Sequence[int], max_len: int, overlap: int = 0,

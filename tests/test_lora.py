@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from multiprocess import run_processes  # tests/multiprocess.py
+from jax_processes import run_processes  # tests/jax_processes.py
 from test_train_loop import read_metrics, tiny_run_args, train
 from test_train_step import make_config, synthetic_batch
 

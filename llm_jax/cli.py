@@ -128,7 +128,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-  if args.harness:
+  if args.harness is not None:
     from llm_jax.eval import harness
     return harness.run_cli(args.workdir, args.harness, include_path=args.include_path, limit=args.limit,
                            batch_size=args.batch_size, overrides=args.overrides)

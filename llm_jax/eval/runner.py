@@ -47,7 +47,6 @@ def run(workdir: str | pathlib.Path, names: Sequence[str], *, limit: int | None 
                                 mesh=sharding.make_mesh(config_lib.MeshConfig(data=-1, fsdp=1, tensor=1)))
   step = int(params_dir.parent.name) if params_dir.parent.name.isdigit() else None
   folder = pathlib.Path(workdir) / "eval"
-  folder.mkdir(parents=True, exist_ok=True)
   records = []
   for task in readers:
     start = time.perf_counter()
@@ -56,6 +55,7 @@ def run(workdir: str | pathlib.Path, names: Sequence[str], *, limit: int | None 
               "data": {k: str(v) for k, v in task.files.items()}, "limit": limit, "batch_size": batch_size,
               "seconds": round(time.perf_counter() - start, 3), "config": config_lib.to_dict(config)}
     path = folder / f"{file_name(task.name)}.json"
+    folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     records.append({**record, "path": str(path)})
   print(table(records), file=out, flush=True)

@@ -101,6 +101,7 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--baseline-questions", type=int, default=100, help="(a) runs on this many first questions")
+  parser.add_argument("--limit", type=int, help="the first N questions only (a quick check; the figures use all)")
   parser.add_argument("--piqa", default=str(REPO.parent / "shared/data/eval/piqa"))
   args = parser.parse_args()
 
@@ -120,7 +121,7 @@ def main() -> None:
 
   model = llm_jax.load(args.workdir)
   assert isinstance(model.tokenizer, tok_lib.ByteTokenizer), "the benchmark needs a model with the byte tokenizer"
-  questions = tasks.piqa_questions(pathlib.Path(args.piqa))
+  questions = tasks.piqa_questions(pathlib.Path(args.piqa))[:args.limit]
   requests = [choice.encode_pair(model.tokenizer, q.context, " " + c) for q in questions for c in q.choices]
   assert all(len(c) + len(x) <= model.config.model.max_len + 1 for c, x in requests), "raise model.max_len"
   mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))

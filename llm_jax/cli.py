@@ -159,6 +159,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+  if args.harness is not None:
+    from llm_jax.eval import harness
+    return harness.run_cli(args.workdir, args.harness, include_path=args.include_path, limit=args.limit,
+                           batch_size=args.batch_size, overrides=args.overrides)
+  from llm_jax.eval import runner
+  runner.run(args.workdir, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
+             batch_size=args.batch_size, overrides=args.overrides)
+  return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
   from llm_jax.train import plot
   out = args.out or (pathlib.Path(args.workdirs[0]) / "curves.png" if len(args.workdirs) == 1 else "curves.png")
@@ -246,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--slots", type=int, default=8, help="requests decoded together; more wait for a free slot")
   p.set_defaults(handler=_cmd_serve)
+
+  p = sub.add_parser("eval", help="score a model on local tasks (wikitext2, piqa, sst2, text:GLOB) or through "
+                     "lm-eval-harness; writes WORKDIR/eval/<task>.json")
+  p.add_argument("--workdir", required=True, help="a run's workdir, a checkpoint or an export")
+  group = p.add_mutually_exclusive_group(required=True)
+  group.add_argument("--tasks", help="comma-separated: wikitext2, piqa, sst2, text:GLOB")
+  group.add_argument("--harness", metavar="TASK[,TASK...]",
+                     help="lm-eval-harness tasks, run by lm-eval's own CLI on this model (the eval extra)")
+  p.add_argument("--include-path", help="--harness: a folder of lm-eval task YAMLs beside the repo's own (piqa_local)")
+  p.add_argument("--limit", type=int, help="the first N documents, questions or sentences of each task")
+  p.add_argument("--batch-size", type=int, default=32, help="rows scored at once (the figures do not depend on it)")
+  p.add_argument("overrides", nargs="*", metavar="section.key=value", help="eval.* paths, model run-time fields")
+  p.set_defaults(handler=_cmd_eval)
 
   p = sub.add_parser("plot", help="draw the loss (against steps and tokens), learning rate and tokens/s of runs")
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="one or more runs, overlaid and named by folder")

@@ -179,6 +179,17 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """`llm-jax eval`: where its local tasks read their data, and how rolling perplexity windows overlap."""
+
+  data_dir: str = ""  # "" = ../shared/data beside the repository ($LLM_JAX_SHARED_DATA wins); holds the paths below
+  wikitext2: str = "wikitext-2/raw/wiki.test.raw"  # the raw WikiText-2 test split (relative: under data_dir)
+  piqa: str = "eval/piqa"  # a folder holding PIQA's valid.jsonl and valid-labels.lst
+  sst2: str = "sst2/test.tsv"  # sentence<TAB>label rows (GLUE's SST-2 dev set)
+  overlap: int = 0  # rolling windows: tokens of the previous window each next one sees again (lm-eval: 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
@@ -187,6 +198,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   sample: SampleConfig = SampleConfig()
   finetune: FinetuneConfig = FinetuneConfig()
+  eval: EvalConfig = EvalConfig()
 
 
 _CHOICES = {

@@ -41,14 +41,17 @@ class Model:
   def log_likelihood(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, bool]:
     """(log p(continuation | context), whether greedy decoding would produce the continuation).
 
-    The call that multiple-choice evaluation and lm-eval-harness adapters are built on.
+    One request of `log_likelihoods`: together they may not exceed model.max_len + 1 tokens.
     """
-    tokens = list(context) + list(continuation)
-    logits = self.logits([tokens[:-1]])[0, len(context) - 1:]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    target = np.asarray(continuation)
-    total = float(np.asarray(log_probs)[np.arange(len(target)), target].sum())
-    return total, bool((np.argmax(logits, axis=-1) == target).all())
+    return self.log_likelihoods([(context, continuation)])[0]
+
+  def log_likelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 32,
+                      truncate: bool = False) -> list[tuple[float, bool]]:
+    """`log_likelihood` of many (context, continuation) requests through the scoring engine (batched,
+    length-bucketed: eval/scoring.py). With `truncate` a request longer than the model's context keeps
+    its last tokens, as lm-eval does; without, it is refused."""
+    from llm_jax.eval import scoring
+    return scoring.score(self.params, self.config.model, requests, batch_size=batch_size, truncate=truncate)
 
   def prompt_text(self, text: str) -> str:
     """`text` as the run's instruction template puts a user turn before its response (data.format alpaca

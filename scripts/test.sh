@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: set up .venv with the dev, hf, data and serve extras, then run the whole suite.
+# The test command: set up .venv with the dev, hf, data, serve and eval extras, then run the whole suite.
 #   bash scripts/test.sh [pytest args]
 # First, in a second environment (.venv-tf) with the tf extra, the one test that needs
 # TensorFlow (tfrecord datasets that TensorFlow writes); the main environment has no TensorFlow on purpose,
@@ -12,5 +12,5 @@ if [ -z "${LLM_JAX_SKIP_TF_STAGE:-}" ]; then
   .venv-tf/bin/python -m pip install -q -e ".[dev,tf]"
   LLM_JAX_EXPECT_TF=1 .venv-tf/bin/python -m pytest -q -p no:cacheprovider tests/test_tfrecord.py
 fi
-EXTRAS=dev,hf,data,serve source scripts/setup_env.sh
+EXTRAS=dev,hf,data,serve,eval source scripts/setup_env.sh
 python -m pytest -q --durations=25 "$@"

@@ -2,7 +2,7 @@
 mesh.num_processes=N mesh.process_id=I` on each command line, with no JAX_* variables set."""
 
 import pytest
-from multiprocess import run_processes  # tests/multiprocess.py
+from jax_processes import run_processes  # tests/jax_processes.py
 from test_train_loop import read_metrics, tiny_run_args  # tests/test_train_loop.py
 
 

@@ -2,10 +2,12 @@
 
 import jax
 import numpy as np
+import pytest
 
 import llm_jax
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax.errors import UserError
 from llm_jax.model import presets, transformer
 
 
@@ -27,3 +29,9 @@ def test_logits_and_log_likelihood(tmp_path):
   assert is_greedy == all(np.argmax(log_probs[t - 1]) == tokens[t] for t in range(3, 7))
   greedy = [int(np.argmax(log_probs[2]))]  # the model's own first choice after the context
   assert model.log_likelihood(context, greedy)[1] is True
+  # Many requests at once through the engine: the same figures; a request longer than the model is refused.
+  many = model.log_likelihoods([(context, continuation), (context, greedy)], batch_size=2)
+  np.testing.assert_allclose([many[0][0], many[1][0]], [total, model.log_likelihood(context, greedy)[0]], rtol=1e-5)
+  with pytest.raises(UserError) as e:
+    model.log_likelihood(list(range(4, 70)), [5])
+  assert "context of 66 tokens and continuation of 1 are longer than the model's context of model.max_len=64" in str(e.value)

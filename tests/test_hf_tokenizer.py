@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers

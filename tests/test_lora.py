@@ -8,9 +8,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from multiprocess import run_processes  # tests/multiprocess.py
+from jax_processes import run_processes  # tests/jax_processes.py
 from test_train_loop import read_metrics, tiny_run_args, train
 from test_train_step import make_config, synthetic_batch
 
@@ -18,6 +17,7 @@ import llm_jax
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.config import ConfigError, FinetuneConfig
+from llm_jax.eval import runner
 from llm_jax.model import lora, presets, transformer
 from llm_jax.train import optim
 from llm_jax.train import state as state_lib
@@ -140,6 +140,15 @@ def test_lora_run_loads_exports_merged_and_equals_two_processes(shared_data, bas
   assert done.returncode == 0, done.stderr[-2000:]
   assert config_lib.load_json(export / "config.json").finetune.lora_rank == 0
   np.testing.assert_allclose(llm_jax.load(export).logits(tokens), lora_logits, rtol=1e-5, atol=1e-5)
+
+  # `llm-jax eval` of the LoRA workdir evaluates it with its adapters: the merged export's figures, not the base's.
+  evaluated = subprocess.run([sys.executable, "-m", "llm_jax", "eval", "--workdir", str(single), "--tasks",
+                              "wikitext2", "--limit", "1"], capture_output=True, text=True)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  figures = json.loads((single / "eval" / "wikitext2.json").read_text())["figures"]
+  [merged], [plain] = (runner.run(path, ["wikitext2"], limit=1) for path in (export, base))
+  assert figures["log_likelihood"] == pytest.approx(merged["figures"]["log_likelihood"], rel=1e-6)
+  assert abs(figures["log_likelihood"] - plain["figures"]["log_likelihood"]) > 1.0
 
   # Two processes of 4 devices on the (2, 2, 2) mesh: the same losses.
   multi = tmp_path / "multi"

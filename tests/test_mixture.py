@@ -17,7 +17,7 @@ from llm_jax.config import DataConfig
 from llm_jax.data import mixture, pipeline, pretokenize
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import UserError
-from multiprocess import run_processes  # tests/multiprocess.py
+from jax_processes import run_processes
 
 BYTES = ByteTokenizer()
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ datasets.Dataset.from_dict({"text": texts, "id": list(range(40))}).save_to_disk(
 @pytest.mark.slow
 def test_training_on_a_mixture_reports_eval_loss_per_source(tmp_path, sources_ab):
   """A datasets save_to_disk folder made here, mixed with token shards, trains through the real CLI; eval is
-  per source. (In subprocesses: tests/multiprocess.py shadows the multiprocess package that datasets imports.)"""
+  per source."""
   made = subprocess.run([sys.executable, "-c", MAKE_DATASET, str(tmp_path / "hf")], capture_output=True, text=True)
   assert made.returncode == 0, made.stderr[-2000:]
   mix = f"[({sources_ab[0]}, 3), (hf:{tmp_path / 'hf'}, 1)]"

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from multiprocess import REPO, _environment, free_port  # tests/multiprocess.py
+from jax_processes import REPO, _environment, free_port  # tests/jax_processes.py
 from test_train_loop import read_metrics, tiny_run_args, train
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from llm_jax.config import DataConfig
 from llm_jax.data import packing, pipeline, sources
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID
-from multiprocess import run_processes  # tests/multiprocess.py (pytest puts tests/ on sys.path)
+from jax_processes import run_processes  # tests/jax_processes.py (pytest puts tests/ on sys.path)
 
 BYTES = ByteTokenizer()
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")

@@ -109,7 +109,7 @@ print(json.dumps(out))
 
 
 def test_hugging_face_datasets_offline(tmp_path):
-  """In a subprocess: tests/multiprocess.py shadows the multiprocess package that datasets imports."""
+  """In a subprocess: datasets reads HF_HUB_OFFLINE when it is imported, so the offline hub path is the real one."""
   for script in (MAKE_DATASETS, READ_DATASETS):
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from multiprocess import run_processes  # tests/multiprocess.py
+from jax_processes import run_processes  # tests/jax_processes.py
 
 import llm_jax
 from llm_jax import config as config_lib

@@ -147,6 +147,10 @@ class HFTokenizer:
     self.pad_id: int = ids.get("pad", self.eos_id)
     self.unk_id: int = ids.get("unk", -1)
     self._framing = np.asarray(sorted({self.pad_id, self.bos_id, self.eos_id}), dtype=np.int64)
+    # What the tokenizer's own post-processor puts before a text (Llama 3's bos; nothing for GPT-2): transformers
+    # adds it by default, so lm-eval's hf model scores texts with it, and so does llm-jax's eval (eval/perplexity.py).
+    plain, framed = (self._tok.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    self.leading_ids: list[int] = framed[:framed.index(plain[0])] if plain and plain[0] in framed else []
 
   @classmethod
   def from_folder(cls, folder: str | pathlib.Path, json_name: str = TOKENIZER_JSON) -> HFTokenizer:

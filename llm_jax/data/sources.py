@@ -50,7 +50,7 @@ import os
 import pathlib
 import re
 import socket
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -355,7 +355,6 @@ def _tfds_builder(name: str, data_dir: str):
 
 
 def _tfds_examples(name: str, split: str, data: DataConfig) -> _Examples:
-  import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data.tfds_data_dir)
   label = f"tfds:{name}:{split}"
   if data.text_field not in builder.info.features:

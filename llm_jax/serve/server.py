@@ -24,7 +24,7 @@ from fastapi import exceptions, responses
 from llm_jax.data import templates
 from llm_jax.errors import UserError
 from llm_jax.serve import openai_api
-from llm_jax.serve.engine import Engine, Event, Request, RequestError
+from llm_jax.serve.engine import Engine, Event, Request
 
 _POLL_S = 0.25  # how often a pending non-streaming request checks that its client is still there
 

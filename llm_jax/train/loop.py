@@ -23,6 +23,7 @@ from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
 from llm_jax.data import mixture, pipeline, templates
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.eval import loss as eval_loss
 from llm_jax.model import lora as lora_lib
 from llm_jax.model import stats, transformer
 from llm_jax.train import metrics as metrics_lib
@@ -109,28 +110,14 @@ def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, me
             **{f"eval_loss/{name}": value for name, value in per_source.items()}}
   with pipeline.make_batches(data, tokenizer, batch_size=config.train.batch_size, seed=config.train.seed,
                              mesh=mesh, split="eval", num_classes=config.model.num_classes) as batches:
-    return _summed(eval_step, params, frozen, zip(range(config.train.eval_batches), batches), "eval")
+    return eval_loss.summarize(eval_step, params, frozen, zip(range(config.train.eval_batches), batches), "eval")
 
 
 def evaluate_test(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
   """`test_loss`, `test_accuracy` and `test_examples` over the whole of data.test_source, each example once."""
   batches = pipeline.one_pass(config.data, tokenizer, batch_size=config.train.batch_size, mesh=mesh, split="test",
                               num_classes=config.model.num_classes)
-  return _summed(eval_step, params, frozen, enumerate(batches), "test")
-
-
-def _summed(eval_step, params, frozen, batches, prefix: str) -> dict[str, float]:
-  totals = None
-  for _, batch in batches:
-    sums = eval_step(params, frozen, batch)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  loss = float(totals["loss"] / count)
-  if "correct" not in totals:
-    return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
-  out = {f"{prefix}_loss": loss, f"{prefix}_accuracy": float(totals["correct"]) / count}
-  return {**out, f"{prefix}_examples": int(totals["count"])} if prefix == "test" else out
+  return eval_loss.summarize(eval_step, params, frozen, enumerate(batches), "test")
 
 
 class RunStopped(config_lib.ConfigError):

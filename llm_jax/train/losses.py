@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config, ModelConfig
-from llm_jax.model import heads, transformer
+from llm_jax.eval import loss as eval_loss
+from llm_jax.model import transformer
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
@@ -44,17 +45,10 @@ def lm_loss(params: Any, batch: Batch, rng: jax.Array | None, *, model: ModelCon
 
 def classification_loss(params: Any, batch: Batch, rng: jax.Array | None, *,
                         model: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Cross-entropy in float32 of the class logits at every position with a label (`labels` >= 0: each
-  example's last token, see heads.py); sums over examples, and `correct` counts argmax hits."""
-  hidden_BLD = transformer.hidden(params, model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
-                                  positions_BL=batch["positions"], rng=rng if has_dropout(model) else None)
-  logits_BLC = heads.classify(params, model, hidden_BLD)
-  labels_BL = batch["labels"]
-  valid_BL = (labels_BL >= 0).astype(jnp.float32)
-  target_logit_BL = jnp.take_along_axis(logits_BLC, jnp.maximum(labels_BL, 0)[..., None], axis=-1)[..., 0]
-  ce = ((jax.nn.logsumexp(logits_BLC, axis=-1) - target_logit_BL) * valid_BL).sum()
-  correct = ((jnp.argmax(logits_BLC, axis=-1) == labels_BL).astype(jnp.float32) * valid_BL).sum()
-  return ce, {"loss": ce, "count": valid_BL.sum(), "correct": correct}
+  """Cross-entropy of the class logits at each example's last token, summed; `correct` counts argmax hits.
+  The eval floor's own sums (`eval/loss.py`), differentiated: dev loss and train loss are one computation."""
+  sums = eval_loss.classification_sums(params, batch, rng if has_dropout(model) else None, model=model)
+  return sums["loss"], sums
 
 
 def for_config(config: Config) -> LossFn:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from llm_jax import sharding
 from llm_jax.config import Config, FinetuneConfig, TrainConfig
+from llm_jax.eval import loss as eval_loss
 from llm_jax.model import lora
 from llm_jax.train import losses
 from llm_jax.train.state import TrainState
@@ -119,10 +120,10 @@ def guard_update(guard: dict[str, jax.Array], loss: jax.Array, finite: jax.Array
   }
 
 
-def eval_step(params: Any, frozen: Any, batch: Batch, *, loss_fn: losses.LossFn,
+def eval_step(params: Any, frozen: Any, batch: Batch, *, sums_fn: Callable[[Any, Batch], dict[str, jax.Array]],
               model_params: ToModel) -> dict[str, jax.Array]:
-  """The loss's sums over one batch (no dropout); the caller divides after summing batches."""
-  return loss_fn(model_params(frozen, params, None), batch, None)[1]
+  """The eval floor's sums over one batch (`eval/loss.py`, no dropout); the caller divides after summing batches."""
+  return sums_fn(model_params(frozen, params, None), batch)
 
 
 def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -130,9 +131,10 @@ def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_sc
                   ) -> tuple[Callable, Callable]:
   """(train_step, eval_step) jitted with explicit shardings; the train state is donated.
 
-  `loss_fn` defaults to the one the config asks for (`losses.for_config`). Both run under the
-  mesh so activation constraints in the model apply. With `mesh.mode=pmap` the same train step
-  runs under `jax.pmap` instead (`pmapped`); the caller sees no difference.
+  `loss_fn` defaults to the one the config asks for (`losses.for_config`); the eval step sums what
+  `eval/loss.sums_for` says. Both run under the mesh so activation constraints in the model apply.
+  With `mesh.mode=pmap` the same train step runs under `jax.pmap` instead (`pmapped`); the caller
+  sees no difference.
   """
   loss_fn = loss_fn or losses.for_config(config)
   model_params = to_model(config.finetune)
@@ -142,7 +144,7 @@ def compile_steps(config: Config, optimizer: optax.GradientTransformation, lr_sc
                            optimizer=optimizer, lr_schedule=lr_schedule)
   train = jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
                   donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn, model_params=model_params),
+  evaluate = jax.jit(functools.partial(eval_step, sums_fn=eval_loss.sums_for(config), model_params=model_params),
                      in_shardings=(state_shardings.params, state_shardings.frozen, batch_shardings),
                      out_shardings=replicated)
 

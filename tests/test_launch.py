@@ -127,6 +127,7 @@ def test_tpu_vm_dry_run_prints_every_command():
   run = shlex.split(remote[2].split("{", 1)[1].split(";", 1)[0])
   assert run == command  # the user's words arrive on each worker unchanged
   assert "tee logs/" in remote[2] and "$(hostname).log" in remote[2]
+  assert "export LLM_JAX_CLUSTER=1" in remote[2]  # jax.distributed.initialize() finds the slice in GCE metadata
   assert lines[-1][:5] == [*tpu, "scp"] and lines[-1][-1] == "--worker=all"
 
 

@@ -8,7 +8,7 @@
 #
 # The code: by default the files git tracks in this checkout (uncommitted edits included) are
 # copied to every worker; --repo clones (or updates) GIT_URL at REF there instead. The workers
-# join by themselves (jax detects a TPU slice; llm_jax/distributed.py). The workdir must be a path
+# join through jax's detection of the slice (LLM_JAX_CLUSTER=1, llm_jax/distributed.py). The workdir must be a path
 # every worker sees (a Filestore or gcsfuse mount). Logs: each worker tees its output into
 # ~/llm-jax/logs/RUN/<its hostname>.log, copied back into DIR (default logs/tpu_<time>/) at the end.
 # --dry-run prints every gcloud command (and the shell each worker runs) without running any.
@@ -92,7 +92,7 @@ on_all "cd llm-jax && { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .
 
 # 4. The command on every worker, each teeing into its own log; then the logs come back.
 set +e
-on_all "cd llm-jax && . .venv/bin/activate && mkdir -p logs/$run && { $command; } 2>&1 | tee logs/$run/\$(hostname).log; exit \${PIPESTATUS[0]}"
+on_all "cd llm-jax && . .venv/bin/activate && export LLM_JAX_CLUSTER=1 && mkdir -p logs/$run && { $command; } 2>&1 | tee logs/$run/\$(hostname).log; exit \${PIPESTATUS[0]}"
 code=$?
 set -e
 [ "$dry" = 1 ] || mkdir -p "$logs"

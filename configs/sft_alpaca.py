@@ -2,7 +2,7 @@
 
 Fine-tunes a pretrained model: a run of ours, or a Hugging Face model converted with `llm-jax
 convert`. With train.init_from, the architecture and the tokenizer come from that checkpoint; the
-model section below is the fallback, the configs/tiny_shakespeare.py sizes (bytes, 256 positions):
+model section below is the fallback (gpt-10m on bytes, 256 positions):
 
   llm-jax train --config configs/tiny_shakespeare.py --workdir runs/shakespeare
   llm-jax train --config configs/sft_alpaca.py --workdir runs/sft train.init_from=runs/shakespeare
@@ -32,7 +32,7 @@ from llm_jax.model import presets
 def get_config() -> config_lib.Config:
   model = config_lib.replace(
       config_lib.Config(model=presets.get("gpt-10m")),
-      model=dict(vocab_size=512, max_len=256)).model  # as configs/tiny_shakespeare.py, so its runs load
+      model=dict(vocab_size=512, max_len=256)).model  # bytes; without init_from it trains from scratch
   return config_lib.Config(
       model=model,
       mesh=config_lib.MeshConfig(data=-1, fsdp=1, tensor=1, cpu_devices=2),

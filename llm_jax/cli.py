@@ -32,7 +32,7 @@ def _load_config(args: argparse.Namespace) -> config_lib.Config:
 def _cmd_train(args: argparse.Namespace) -> int:
   config = _load_config(args)  # config errors first, before the heavy imports
   from llm_jax.train import loop
-  loop.train(config, args.workdir, fresh=args.fresh)
+  loop.train(config, args.workdir, fresh=args.fresh, profile=args.profile)
   return 0
 
 
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="configs/NAME.py (or a workdir's config.json)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--fresh", action="store_true", help="discard DIR's checkpoints and config and start over")
+  p.add_argument("--profile", action="store_true",
+                 help="a jax.profiler trace of 5 steps after compilation in DIR/profile/ (or train.profile_steps=START:END)")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   p.set_defaults(handler=_cmd_train)
 

@@ -152,6 +152,7 @@ class TrainConfig:
   early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
   max_skipped_steps: int = 10  # consecutive updates skipped (non-finite loss or gradient, spikes) before the run stops
   spike_factor: float = 0.0  # skip an update whose loss exceeds this x the running mean of the loss; 0 = off
+  profile_steps: str = ""  # "START:END": a jax.profiler trace of those steps in WORKDIR/profile/; "" = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,6 +495,10 @@ def validate_ranges(config: Config) -> None:
   if train.eval_every and train.eval_batches <= 0:
     raise ConfigError(f"train.eval_batches={train.eval_batches}: expected a positive count while evaluation is on "
                       "(or set train.eval_every=0 to turn it off)")
+  profile = parse_profile_steps(train.profile_steps)
+  if profile and profile[0] > train.steps:
+    raise ConfigError(f"train.profile_steps={train.profile_steps!r} starts after the run's last step "
+                      f"(train.steps={train.steps}); trace steps within it")
   classes = config.model.num_classes
   if classes < 0 or classes == 1 or (data.format == "classification") != (classes > 0):
     raise ConfigError(f"data.format={data.format} with model.num_classes={classes}: a classifier needs both "
@@ -509,6 +514,21 @@ def validate_ranges(config: Config) -> None:
     raise ConfigError(f"data.eval_fraction={data.eval_fraction!r}: evaluation holds out that share of {data.source}, "
                       "so it must lie strictly between 0 and 1; set e.g. 0.1, set data.eval_source, or set "
                       "train.eval_every=0")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """`train.profile_steps`: "" (no trace) or "START:END", the first and last step traced (1-based, inclusive)."""
+  if not text:
+    return None
+  first, sep, last = text.partition(":")
+  try:
+    steps = int(first), int(last)
+  except ValueError:
+    steps = None
+  if not sep or steps is None or not 1 <= steps[0] <= steps[1]:
+    raise ConfigError(f"train.profile_steps={text!r}: expected START:END, the first and last step to trace with "
+                      "1 <= START <= END (e.g. 10:15), or '' for no trace")
+  return steps
 
 
 def check_export_dtype(dtype: str | None) -> None:

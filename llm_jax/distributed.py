@@ -16,7 +16,9 @@ import jax
 
 from llm_jax.config import ConfigError, MeshConfig
 
-_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# LLM_JAX_CLUSTER: set (to anything) where jax's detection works but nothing in the environment says so,
+# e.g. on Cloud TPU VMs made by `tpu-vm create`, whose workers jax finds from GCE metadata (scripts/launch/tpu_vm.sh).
+_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "LLM_JAX_CLUSTER")
 
 
 def initialize(mesh: MeshConfig) -> None:

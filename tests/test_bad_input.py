@@ -162,7 +162,7 @@ def test_train_rejects_bad_values_before_compiling(tmp_path, override, message):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("To be, or not to be.\n\nThat is the question.\n" * 20)
   workdir = tmp_path / "run"
-  result = cli("train", "--config", "configs/tiny_shakespeare.py", "--workdir", workdir, f"data.source=text:{corpus}",
+  result = cli("train", "--config", "tests/gpt2_bytes_config.py", "--workdir", workdir, f"data.source=text:{corpus}",
                override, cwd=pathlib.Path(__file__).parents[1])
   assert error_line(result) == message.format(corpus=corpus)
   assert not workdir.exists()

@@ -34,7 +34,7 @@ TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.nu
 def workdir(shared_data, tmp_path_factory):
   """A small GPT-2 trained 30 steps on Tiny Shakespeare's bytes (max_len 512: PIQA's first questions fit)."""
   path = tmp_path_factory.mktemp("eval") / "run"
-  config = config_lib.override(config_lib.load_file(REPO / "configs/tiny_shakespeare.py"), [
+  config = config_lib.override(config_lib.load_file(REPO / "tests/gpt2_bytes_config.py"), [
       f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}", "data.text_split=blank_line", *TINY])
   loop.train(config, path)
   return path

@@ -26,7 +26,7 @@ def test_init_from_takes_the_bases_architecture_and_tokenizer(shared_data, tmp_p
   # The fine-tuning command names only the base and run-time fields: the config file's own model
   # (4 layers of width 256, byte tokens) is replaced by the base's (3 layers of width 64, spm).
   tuned = tmp_path / "tuned"
-  args = [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/tiny_shakespeare.py"),
+  args = [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "tests/gpt2_bytes_config.py"),
           "--workdir", str(tuned), f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}",
           "data.text_split=blank_line", "data.seq_len=64", "train.batch_size=16", "train.steps=2",
           "train.eval_every=0", "sample.max_new_tokens=8", f"train.init_from={base}", "model.resid_dropout=0.1"]

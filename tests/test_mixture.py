@@ -194,7 +194,7 @@ def test_training_on_a_mixture_reports_eval_loss_per_source(tmp_path, sources_ab
   made = subprocess.run([sys.executable, "-c", MAKE_DATASET, str(tmp_path / "hf")], capture_output=True, text=True)
   assert made.returncode == 0, made.stderr[-2000:]
   mix = f"[({sources_ab[0]}, 3), (hf:{tmp_path / 'hf'}, 1)]"
-  args = [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/tiny_shakespeare.py"),
+  args = [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "tests/gpt2_bytes_config.py"),
           "--workdir", str(tmp_path / "run"), f"data.mixture={mix}", "data.eval_fraction=0.2", "data.seq_len=16",
           "model.max_len=16", "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=2",
           "model.d_ff=64", "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.eval_every=4",

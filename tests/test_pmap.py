@@ -38,7 +38,7 @@ def test_pmap_with_fsdp_or_tensor_fails_in_one_line():
 
 def _config(shared_data, steps, mode):
   mesh = ["mesh.mode=pmap", "mesh.data=-1", "mesh.fsdp=1"] if mode == "pmap" else ["mesh.data=1", "mesh.fsdp=-1"]
-  return config_lib.override(config_lib.load_file(REPO / "configs/tiny_shakespeare.py"), [
+  return config_lib.override(config_lib.load_file(REPO / "tests/gpt2_bytes_config.py"), [
       f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}", "data.text_split=blank_line",
       "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4", "model.d_ff=128",
       "data.seq_len=32", "model.max_len=32", "train.batch_size=16", "optim.warmup_steps=1", "optim.learning_rate=3e-3",

@@ -285,7 +285,7 @@ def test_sft_alpaca_config_builds_train_and_eval_batches(shared_data):
   config = config_lib.override(config, [f"data.source=json:{shared_data / 'instruct/alpaca_en_demo.json'}"])
   config_lib.validate(config, num_devices=2)
   assert (config.data.format, config.data.template, config.data.eval_fraction) == ("alpaca", "alpaca", 0.05)
-  assert config.model.max_len == 256 and config.model.vocab_size == 512  # configs/tiny_shakespeare.py's sizes
+  assert config.model.max_len == 256 and config.model.vocab_size == 512  # the fallback model: bytes, 256 positions
   assert config.sample.prompt == "Give three tips for staying healthy."  # the trainer renders it through the template
   assert len(sources.load(config.data, "eval")) == 50 and len(sources.load(config.data, "train")) == 949
   for split in ("train", "eval"):

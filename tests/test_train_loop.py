@@ -23,7 +23,7 @@ KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_ti
 
 def tiny_run_args(shared_data, workdir, *extra):
   """A small GPT-2 on Tiny Shakespeare's bytes: a few seconds a dozen steps on 2 cores."""
-  return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/tiny_shakespeare.py"),
+  return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "tests/gpt2_bytes_config.py"),
           "--workdir", str(workdir), f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}",
           "data.text_split=blank_line", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
           "model.num_kv_heads=4", "model.d_ff=256", "data.seq_len=64", "model.max_len=64", "train.batch_size=16",

@@ -28,6 +28,7 @@ from llm_jax.model import lora as lora_lib
 from llm_jax.model import stats, transformer
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optim
+from llm_jax.train import profile as profile_lib
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
@@ -124,8 +125,12 @@ class RunStopped(config_lib.ConfigError):
   """A run that cannot go on as configured: diverged, or already past its target."""
 
 
-def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = False) -> dict[str, Any]:
-  """Runs (or resumes) the run described by `config` in `workdir`; returns the last record."""
+def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = False,
+          profile: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the run described by `config` in `workdir`; returns the last record.
+
+  `profile` (--profile) traces a few steps after compilation when train.profile_steps is empty.
+  """
   distributed.initialize(config.mesh)
   config = with_base(config)
   config_lib.validate(config, jax.device_count())
@@ -134,10 +139,10 @@ def train(config: config_lib.Config, workdir: str | pathlib.Path, fresh: bool = 
   workdir_lib.check_writable(workdir)
   with workdir_lib.lock(workdir, is_primary=jax.process_index() == 0):  # one trainer per workdir
     prepare_workdir(config, workdir, fresh)
-    return _train(config, workdir)
+    return _train(config, workdir, profile)
 
 
-def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
+def _train(config: config_lib.Config, workdir: pathlib.Path, profile: bool = False) -> dict[str, Any]:
   """The run, inside its workdir's lock: set up or restore, then the step loop."""
   mesh = sharding.make_mesh(config.mesh)
   # Before the data pipeline's threads start: on CPU the peak is measured, and they would share the cores.
@@ -180,14 +185,17 @@ def _train(config: config_lib.Config, workdir: pathlib.Path) -> dict[str, Any]:
       tokenizer.save(workdir)
     train_step, eval_step = step_lib.compile_steps(config, optimizer, lr_schedule, mesh, shardings)
     reporter = metrics_lib.Reporter(workdir, total, start or 0)
+    tracer = profile_lib.Tracer(profile_lib.window(config.train.profile_steps, profile, start or 0, total), workdir,
+                                reporter.message)
     try:
       reporter.message(f"llm-jax: {stats.count_params(config.model)['params']:,} parameters, mesh "
                        f"{dict(mesh.shape)}, MFU against {peak_source} ({peak / 1e9:,.0f} GFLOP/s)")
       rate = _Rate(config.train.batch_size * config.data.seq_len, stats.flops_per_token(config.model, config.data.seq_len),
                    peak, start or 0)
       return _run(config, state, start or 0, loop_state, train_step, eval_step, batches, tokenizer, mesh, ckpt,
-                  reporter, rate, stop)
+                  reporter, rate, stop, tracer)
     finally:
+      tracer.close()
       reporter.close()
   finally:
     for sig, handler in previous_handlers.items():
@@ -259,7 +267,7 @@ def _check_resumable(saved: config_lib.Config, config: config_lib.Config, start:
 
 def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loop_state: dict, train_step, eval_step,
          batches, tokenizer, mesh, ckpt: checkpoint.Checkpointer, reporter: metrics_lib.Reporter, rate: _Rate,
-         stop: _Stop) -> dict:
+         stop: _Stop, tracer: profile_lib.Tracer) -> dict:
   """The step loop, from step `start` + 1 to `train.steps` (or a stop, early or asked for)."""
   total, train_cfg = config.train.steps, config.train
   last: dict[str, Any] = {}
@@ -267,8 +275,9 @@ def _run(config: config_lib.Config, state: state_lib.TrainState, start: int, loo
   stopping = False
   for step in range(start + 1, total + 1):
     batch = next(batches)
-    with jax.transfer_guard("disallow"):
+    with jax.transfer_guard("disallow"), tracer.step(step, state):
       state, step_metrics = train_step(state, batch)
+    tracer.after(step, state)
     if pending is not None:  # fetch step N-1's metrics only now that step N is queued
       last, pending = _log(rate.record(*pending), reporter, train_cfg), None
     stopping = stop.agreed(step)

@@ -13,4 +13,6 @@ if [ -z "${LLM_JAX_SKIP_TF_STAGE:-}" ]; then
   LLM_JAX_EXPECT_TF=1 .venv-tf/bin/python -m pytest -q -p no:cacheprovider tests/test_tfrecord.py
 fi
 EXTRAS=dev,hf,data,serve,eval source scripts/setup_env.sh
-python -m pytest -q --durations=25 "$@"
+# Two pytest workers (worksteal: an idle one takes tests from the busy one): most tests wait on a
+# subprocess, a compile or a second process, so two workers keep both cores of a CI machine busy.
+python -m pytest -q -n 2 --dist worksteal --durations=25 "$@"

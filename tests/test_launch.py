@@ -7,7 +7,7 @@ import socket
 import subprocess
 
 import pytest
-from multiprocess import JAX_JOIN_ENV, REPO, _environment, _wait  # tests/multiprocess.py
+from jax_processes import JAX_JOIN_ENV, REPO, _environment, _wait  # tests/jax_processes.py
 from test_train_loop import read_metrics, tiny_run_args  # tests/test_train_loop.py
 
 LAUNCH = REPO / "scripts" / "launch"

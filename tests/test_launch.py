@@ -3,7 +3,6 @@
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 
@@ -22,11 +21,13 @@ def launch_env() -> dict:
 
 def local(num: int, logs, *command: str, timeout: float = 400, deaf_to_sigterm: bool = False
           ) -> subprocess.CompletedProcess:
-  """local.sh N -- command. `deaf_to_sigterm`: the script and its processes start with SIGTERM ignored (an
-  ignored signal stays ignored across exec), so the stop local.sh sends after a failure changes no exit code."""
-  ignore = (lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)) if deaf_to_sigterm else None
-  return subprocess.run(["bash", str(LAUNCH / "local.sh"), str(num), "--logs", str(logs), "--", *command],
-                        capture_output=True, text=True, env=launch_env(), timeout=timeout, preexec_fn=ignore)
+  """local.sh N -- command. `deaf_to_sigterm`: the script and its processes start with SIGTERM ignored (set by a
+  shell that then execs local.sh; an ignored signal stays ignored across exec), so the stop local.sh sends after
+  a failure changes no exit code. (Not preexec_fn: forking this multithreaded JAX process is unsafe.)"""
+  args = ["bash", str(LAUNCH / "local.sh"), str(num), "--logs", str(logs), "--", *command]
+  if deaf_to_sigterm:
+    args = ["bash", "-c", 'trap "" TERM; exec "$@"', "bash", *args]
+  return subprocess.run(args, capture_output=True, text=True, env=launch_env(), timeout=timeout)
 
 
 @pytest.mark.slow

@@ -118,10 +118,9 @@ def test_cli_on_a_trained_workdir_prints_the_table_and_writes_the_json(workdir, 
   assert text["documents"] == 1 and text["bytes"] == text_file.stat().st_size
 
 
-def test_wikitext_articles_and_detokenizer():
-  raw = (pathlib.Path(tasks.data_root(config_lib.EvalConfig())) / "wikitext-2/raw/wiki.test.raw")
-  if not raw.is_file():
-    pytest.skip(f"{raw} not found")
+def test_wikitext_articles_and_detokenizer(shared_data):
+  raw = shared_data / "wikitext-2/raw/wiki.test.raw"  # the eval section's default, under ../shared/data
+  assert tasks.data_root(config_lib.EvalConfig()) == shared_data
   articles = tasks.wikitext_articles(raw.read_bytes().decode())
   assert len(articles) == 62 and all(a.startswith(" = ") and "\r" not in a for a in articles)
   assert "".join(articles) == raw.read_bytes().decode().replace("\r\n", "\n")

@@ -234,7 +234,7 @@ def test_tiny_sst2_run_beats_the_majority_class(shared_data, tmp_path):
                   f"data.test_source=tsv:{tmp_path / 'test.tsv'}", f"data.tokenizer={spm}", "model.vocab_size=1024",
                   "model.max_len=32", "data.seq_len=32", "train.batch_size=16", "train.steps=300", "train.log_every=50",
                   "train.eval_every=100", "train.checkpoint_every=100", "train.eval_batches=4",
-                  "optim.warmup_steps=10"])
+                  "optim.warmup_steps=10"], optimized=True)
   assert result.returncode == 0, result.stderr[-3000:]
   labels = [int(line.rsplit("\t", 1)[1]) for line in held_out]
   majority = max(labels.count(0), labels.count(1)) / len(labels)

@@ -12,7 +12,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax_processes import run_processes  # tests/jax_processes.py
+import jax_processes  # tests/jax_processes.py
+from jax_processes import run_processes
 
 import llm_jax
 from llm_jax import config as config_lib
@@ -22,17 +23,22 @@ KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_ti
 
 
 def tiny_run_args(shared_data, workdir, *extra):
-  """A small GPT-2 on Tiny Shakespeare's bytes: a few seconds a dozen steps on 2 cores."""
+  """A small GPT-2 on Tiny Shakespeare's bytes: a few seconds a dozen steps on 2 cores.
+
+  No end-of-run sample (its compile is a sixth of a tiny run's time); the end-to-end test asks for one.
+  """
   return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "tests/gpt2_bytes_config.py"),
           "--workdir", str(workdir), f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}",
           "data.text_split=blank_line", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
           "model.num_kv_heads=4", "model.d_ff=256", "data.seq_len=64", "model.max_len=64", "train.batch_size=16",
-          "optim.warmup_steps=5", "optim.learning_rate=3e-3", "train.eval_batches=2", "sample.max_new_tokens=16",
+          "optim.warmup_steps=5", "optim.learning_rate=3e-3", "train.eval_batches=2", "sample.max_new_tokens=0",
           *extra]
 
 
-def train(args, **kwargs):
+def train(args, optimized: bool = False, **kwargs):
+  """`optimized`: compiled at XLA's default level (jax_processes.optimized), for a run of hundreds of steps."""
   env = {**os.environ, "CI": "true"}  # plain log lines, no progress bar
+  env = jax_processes.optimized(env) if optimized else env
   return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
@@ -49,7 +55,7 @@ def read_metrics(workdir):
 def test_train_command_end_to_end(shared_data, tmp_path):
   workdir = tmp_path / "run"
   result = train(tiny_run_args(shared_data, workdir, "train.steps=40", "train.log_every=5", "train.eval_every=20",
-                               "train.checkpoint_every=20"))
+                               "train.checkpoint_every=20", "sample.max_new_tokens=16"))
   assert result.returncode == 0, result.stderr[-3000:]
   records = read_metrics(workdir)
   assert sorted(records) == [5, 10, 15, 20, 25, 30, 35, 40]
@@ -67,6 +73,8 @@ def test_train_command_end_to_end(shared_data, tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "40"]
   assert list((workdir / "tensorboard").iterdir())
   assert "step 40 |" in result.stdout and "loss" in result.stdout  # plain lines in CI
+  sample = result.stdout.split("--- sample ---\n")[1].split("\n--------------")[0]
+  assert sample.startswith("ROMEO:") and len(sample.encode()) > len("ROMEO:")
   # the config's mesh.cpu_devices=2 overrides the 8 devices of this test process's XLA_FLAGS
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
 

@@ -28,14 +28,15 @@ from typing import Callable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# tests/conftest.py adds this to XLA_FLAGS for the session, and every process a test starts inherits it:
-# LLVM's level 0 for the code XLA emits, because the tests' tiny models spend their time compiling.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# tests/conftest.py adds these to XLA_FLAGS for the session, and every process a test starts inherits them:
+# LLVM's level 0 and XLA's older elemental emitters for fusions, because the tests' tiny models spend their
+# time compiling (conftest.py has the figures).
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 def optimized(env: dict) -> dict:
   """`env` without FAST_COMPILE: for a process whose time goes to running hundreds of steps, not compiling."""
-  return {**env, "XLA_FLAGS": " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != FAST_COMPILE)}
+  return {**env, "XLA_FLAGS": " ".join(f for f in env.get("XLA_FLAGS", "").split() if f not in FAST_COMPILE)}
 
 
 def free_port() -> int:

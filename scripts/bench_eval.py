@@ -115,7 +115,7 @@ def main() -> None:
 
   import llm_jax
   from llm_jax.data import tokenizer as tok_lib
-  from llm_jax.eval import choice, harness, tasks
+  from llm_jax.eval import choice, harness, scoring, tasks
   from llm_jax.model import stats
 
   model = llm_jax.load(args.workdir)
@@ -160,6 +160,7 @@ def main() -> None:
       "benchmark": "eval_piqa", "cpu": cpu.stdout.split(":", 1)[-1].strip(), "workdir": args.workdir,
       "params": stats.count_params(model.config.model)["params"], "max_len": model.config.model.max_len,
       "jax_devices": jax.device_count(), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+      "pack_len": scoring.PACK_LEN,
       "questions": len(questions), "requests": n, "acc": figures["acc"], "acc_norm": figures["acc_norm"],
       "engine": {"seconds": round(engine_s, 2), "requests_per_s": round(n / engine_s, 1),
                  "warm_seconds": round(warm_s, 2), "warm_requests_per_s": round(n / warm_s, 1)},

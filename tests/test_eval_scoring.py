@@ -54,14 +54,21 @@ def random_requests(count, vocab, seed=0, lengths=(9, 20, 40)):
   return out
 
 
-def test_bucketed_batched_scoring_equals_one_by_one():
-  cfg = LLAMA
+@pytest.mark.parametrize("cfg, pack_len", [(LLAMA, 32), (GPT2, 32), (LLAMA, 24), (LLAMA, 0)],
+                         ids=["rope-packed", "learned-positions-packed", "packed-and-alone", "alone"])
+def test_packed_bucketed_batched_scoring_equals_one_by_one(cfg, pack_len):
+  """Packed rows (positions restart in each request: rope and learned positions), rows of one request
+  padded to a bucket, and both in one call."""
   params = params_for(cfg)
   requests = random_requests(14, cfg.vocab_size)
   context = requests[0][0][:8]  # the model's own first choice after a context is greedy
   requests.append((context, [int(np.argmax(log_softmax(params, cfg, [context])[0, -1]))]))
   assert any(scoring.needs_truncation(r, cfg.max_len) for r in requests)  # left truncation is exercised
-  results = scoring.score(params, cfg, requests, batch_size=4)
+  rows = [scoring._row(c, x, cfg.max_len, i, True) for i, (c, x) in enumerate(requests)]
+  groups = scoring._pack_requests(rows, pack_len)
+  shared, alone = any(len(g) > 1 for g, _ in groups), any(n > pack_len for _, n in groups)
+  assert (shared, alone) == (pack_len > 0, pack_len < 32)  # each case is what its id says
+  results = scoring.score(params, cfg, requests, batch_size=4, pack_len=pack_len)
   for request, (total, greedy) in zip(requests, results):
     expected, expected_greedy = direct(params, cfg, *request)
     np.testing.assert_allclose(total, expected, atol=1e-5, rtol=1e-5)

@@ -1,25 +1,28 @@
 """The one log-likelihood engine under every task: many (context, continuation) requests at once.
 
 `score` cuts each request to the model's context (lm-eval's left truncation: the last max_len
-tokens of context + continuation, minus the last, are the input), sorts the requests longest
-first, pads them to a few length buckets (each bucket compiles once), and runs batches of one
-fixed size, the last batch of a bucket filled with empty rows. With a mesh the batch is split
-over its batch axes (data, fsdp) and the parameters are replicated onto it unless they already
-live there. Every batch is dispatched before any result is fetched; results come back in
-request order.
+tokens of context + continuation, minus the last, are the input), packs the short ones several
+to a row of `pack_len` tokens (segment ids keep them apart, positions restart in each, as in
+training), gives each longer one a row of its own padded to a few length buckets, and runs
+batches of one fixed size, the last batch of a shape filled with empty rows. Most requests of a
+task share one shape, so an evaluation compiles a handful of times, not once per length, and
+little of a row is padding. With a mesh the batch is split over its batch axes (data, fsdp) and
+the parameters are replicated onto it unless they already live there. Every batch is dispatched
+before any result is fetched; results come back in request order.
 
-`classify` runs a classifier's head over examples the same way. `rolling` is lm-eval's
-`loglikelihood_rolling`: a document is cut into windows of the model's context that together
-predict every token exactly once, each window a request of `score`.
+`classify` runs a classifier's head over examples the same way, one example a row. `rolling` is
+lm-eval's `loglikelihood_rolling`: a document is cut into windows of the model's context that
+together predict every token exactly once, each window a request of `score`.
 
 Padding sits to the right of each row: attention is causal by position, so a real token never
 sees it. Requests are ordered by their tokens, not by where they came in, so the same set of
-requests always meets in the same batches and gives the same figures bit for bit.
+requests always meets in the same rows and batches and gives the same figures bit for bit.
 Dimension letters as in model/transformer.py.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import itertools
@@ -58,12 +61,17 @@ def token_log_probs(params: Any, cfg: ModelConfig, inputs_BL: jax.Array, targets
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _score_rows(params: Any, inputs_BL: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, *,
-                cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """Per row: the summed log p of the masked targets [B], and whether greedy decoding gives all of them [B]."""
-  log_p_BL, greedy_BL = token_log_probs(params, cfg, inputs_BL, targets_BL)
+def _score_tokens(params: Any, inputs_BL: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array,
+                  segment_ids_BL: jax.Array, positions_BL: jax.Array, *,
+                  cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """Per token: log p of a continuation target (0 elsewhere) [B, L], and whether it is greedy (True elsewhere) [B, L].
+
+  Per token rather than per row, because a packed row holds several requests: the host sums each one's span.
+  """
+  log_p_BL, greedy_BL = token_log_probs(params, cfg, inputs_BL, targets_BL, segment_ids_BL=segment_ids_BL,
+                                        positions_BL=positions_BL)
   scored_BL = mask_BL > 0
-  return jnp.where(scored_BL, log_p_BL, 0.0).sum(axis=-1), (greedy_BL | ~scored_BL).all(axis=-1)
+  return jnp.where(scored_BL, log_p_BL, 0.0), greedy_BL | ~scored_BL
 
 
 def buckets(max_len: int) -> list[int]:
@@ -120,32 +128,78 @@ def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
   return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
 
+PACK_LEN = 256  # tokens: several multiple-choice requests to a row, where attention still costs little
+
+
 def score(params: Any, model_cfg: ModelConfig, requests: Sequence[Request], *, batch_size: int = 32,
-          mesh: jax.sharding.Mesh | None = None, truncate: bool = True) -> list[tuple[float, bool]]:
+          mesh: jax.sharding.Mesh | None = None, truncate: bool = True,
+          pack_len: int = PACK_LEN) -> list[tuple[float, bool]]:
   """(log p(continuation | context), whether greedy decoding produces the continuation) of each request.
 
   Ids are sequences of ints; the context may not be empty (condition on a prefix token instead)
   and the continuation must fit in model.max_len tokens (else a ScoringError). A longer request
   keeps its last max_len + 1 tokens, as lm-eval does, or with `truncate=False` is refused.
-  `batch_size` rows run at a time (fewer when there are fewer requests; rounded up to a multiple
-  of the mesh's batch shards); the figures do not depend on it beyond float rounding.
+  Requests of at most `pack_len` (capped at model.max_len) input tokens share rows of that length;
+  `pack_len=0` gives every request a row of its own. `batch_size` rows run at a time (fewer when
+  there are fewer rows; rounded up to a multiple of the mesh's batch shards), so a batch never
+  holds more than batch_size x max(pack_len, its bucket) tokens; the figures do not depend on either
+  beyond float rounding.
   """
   rows = [_row(c, x, model_cfg.max_len, i, truncate) for i, (c, x) in enumerate(requests)]
-  outputs = _batched(params, model_cfg, rows, [len(tokens) - 1 for tokens, _ in rows], _pack, _score_rows,
-                     batch_size=batch_size, mesh=mesh)
-  return [(float(total), bool(greedy)) for total, greedy in outputs]
+  groups = _pack_requests(rows, min(pack_len, model_cfg.max_len))
+  outputs = _batched(params, model_cfg, [[rows[i] for i in g] for g, _ in groups], [n for _, n in groups], _pack,
+                     _score_tokens, batch_size=batch_size, mesh=mesh)
+  results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+  for (group, _), (log_p_L, greedy_L) in zip(groups, outputs):
+    start = 0
+    for i in group:
+      stop = start + len(rows[i][0]) - 1
+      results[i] = (float(log_p_L[start:stop].sum()), bool(greedy_L[start:stop].all()))
+      start = stop
+  return results
 
 
-def _pack(rows: list[tuple[list[int], int]], batch_size: int, length: int) -> tuple[np.ndarray, ...]:
-  """inputs, targets (int32) and the continuation mask (float32) [batch_size, length], right-padded with 0."""
+def _pack_requests(rows: list[tuple[list[int], int]], pack_len: int) -> list[tuple[list[int], int]]:
+  """(request indices, row length) of each row: requests of at most `pack_len` input tokens best-fit,
+  longest first (then by tokens, so the rows do not depend on the requests' order), into rows of
+  `pack_len`; each longer request alone in a row of its own length."""
+  lengths = [len(tokens) - 1 for tokens, _ in rows]
+  groups: list[tuple[list[int], int]] = []
+  free: list[tuple[int, int]] = []  # (tokens left, group) of the packed rows, sorted
+  for i in sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i])):
+    if lengths[i] > pack_len:
+      groups.append(([i], lengths[i]))
+      continue
+    fit = bisect.bisect_left(free, (lengths[i], -1))
+    if fit < len(free):
+      left, g = free.pop(fit)
+      groups[g][0].append(i)
+    else:
+      left, g = pack_len, len(groups)
+      groups.append(([i], pack_len))
+    bisect.insort(free, (left - lengths[i], g))
+  return groups
+
+
+def _pack(groups: list[list[tuple[list[int], int]]], batch_size: int, length: int) -> tuple[np.ndarray, ...]:
+  """inputs, targets, continuation mask, segment ids and positions [batch_size, length], right-padded with 0.
+
+  Each group is one row: its requests one after another, segment ids 1, 2, ... and positions from 0 in each.
+  """
   inputs_BL = np.zeros((batch_size, length), np.int32)
   targets_BL = np.zeros((batch_size, length), np.int32)
   mask_BL = np.zeros((batch_size, length), np.float32)
-  for b, (tokens, n) in enumerate(rows):
-    size = len(tokens) - 1
-    inputs_BL[b, :size], targets_BL[b, :size] = tokens[:-1], tokens[1:]
-    mask_BL[b, size - n:size] = 1.0
-  return inputs_BL, targets_BL, mask_BL
+  segment_ids_BL = np.zeros((batch_size, length), np.int32)
+  positions_BL = np.zeros((batch_size, length), np.int32)
+  for b, group in enumerate(groups):
+    start = 0
+    for segment, (tokens, n) in enumerate(group, start=1):
+      stop = start + len(tokens) - 1
+      inputs_BL[b, start:stop], targets_BL[b, start:stop] = tokens[:-1], tokens[1:]
+      mask_BL[b, stop - n:stop] = 1.0
+      segment_ids_BL[b, start:stop], positions_BL[b, start:stop] = segment, np.arange(stop - start)
+      start = stop
+  return inputs_BL, targets_BL, mask_BL, segment_ids_BL, positions_BL
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

@@ -20,6 +20,13 @@ from llm_jax.config import ConfigError, MeshConfig
 # e.g. on Cloud TPU VMs made by `tpu-vm create`, whose workers jax finds from GCE metadata (scripts/launch/tpu_vm.sh).
 _CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "LLM_JAX_CLUSTER")
 
+# The devices of one CPU host share its cores, so on a busy host one device can reach a collective long after
+# the other; XLA's watchdog ends the process after 40 s of such waiting ("Exiting to ensure a consistent program
+# state"), which killed the main job at step 650 on a 2-core machine running the test suite beside it. A real
+# hang still ends, after 10 minutes. A value the user puts in XLA_FLAGS wins.
+COLLECTIVE_WATCHDOG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_WATCHDOG_SECONDS = 600
+
 
 def initialize(mesh: MeshConfig) -> None:
   """Sets the CPU device count, then initializes `jax.distributed` when config or environment ask."""
@@ -48,6 +55,9 @@ def set_cpu_devices(count: int) -> None:
     return
   try:
     jax.config.update("jax_num_cpu_devices", count)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count > 1 and COLLECTIVE_WATCHDOG not in flags:  # read when the backend starts, after this
+      os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_WATCHDOG}={COLLECTIVE_WATCHDOG_SECONDS}".strip()
   except RuntimeError:  # JAX has started its backends: fine if they already have that many
     have = len(jax.devices("cpu"))
     if have != count:

@@ -28,6 +28,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+from llm_jax import distributed  # noqa: E402  (imports jax; XLA reads its flags when the backend starts, later)
+
+# Eight devices on two busy cores: XLA's 40 s watchdog on a collective's stragglers is raised, as
+# `mesh.cpu_devices` raises it for users (llm_jax/distributed.py says why).
+os.environ["XLA_FLAGS"] += f" {distributed.COLLECTIVE_WATCHDOG}={distributed.COLLECTIVE_WATCHDOG_SECONDS}"
+
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 import pytest  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The jitted train step: sharding invariance, accumulation, decay mask, schedules, one compile."""
 
+import os
 import subprocess
 import sys
 
@@ -147,10 +148,18 @@ def test_loss_mask_and_z_loss():
 
 def test_cpu_device_count_is_set_before_jax_starts_and_checked_after():
   """`mesh.cpu_devices` in a fresh process gives that many devices; once JAX runs, only a match passes."""
-  code = ("import jax\nfrom llm_jax import distributed\nfrom llm_jax.config import MeshConfig\n"
-          "distributed.initialize(MeshConfig(cpu_devices=3))\nprint(jax.device_count())")
+  code = ("import os\nimport jax\nfrom llm_jax import distributed\nfrom llm_jax.config import MeshConfig\n"
+          "distributed.initialize(MeshConfig(cpu_devices=3))\nprint(jax.device_count())\n"
+          "print(os.environ['XLA_FLAGS'])")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-  assert out.stdout.split() == ["3"]  # the 8 devices of this test process's XLA_FLAGS are overridden
+  count, flags = out.stdout.splitlines()
+  assert count == "3"  # the 8 devices of this test process's XLA_FLAGS are overridden
+  # Its devices share the cores: XLA's 40 s watchdog on a collective's stragglers is raised, unless the user set it.
+  assert f"{distributed.COLLECTIVE_WATCHDOG}=600" in flags.split()
+  mine = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} {distributed.COLLECTIVE_WATCHDOG}=90"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=mine)
+  assert [f for f in out.stdout.split() if f.startswith(distributed.COLLECTIVE_WATCHDOG)] == [
+      f"{distributed.COLLECTIVE_WATCHDOG}=90"]
   distributed.set_cpu_devices(jax.device_count())  # this process already runs with 8: a match is fine
   with pytest.raises(ConfigError, match="already runs with 8 CPU devices"):
     distributed.set_cpu_devices(2)

@@ -40,9 +40,10 @@ def get_config() -> config_lib.Config:
           scan_layers=False,  # 4 layers compile quickly unrolled, and the step ran 12% faster
           remat="none",  # a small model's activations fit; recomputing them only costs time
       ),
-      # Data parallel over every device there is; a CPU host becomes two XLA devices, which ran this
-      # job's step about 6% faster than one (llm_jax/distributed.py).
-      mesh=config_lib.MeshConfig(data=-1, fsdp=1, tensor=1, cpu_devices=2),
+      # Data parallel over every device there is. A CPU host stays one XLA device: two ran this job's
+      # step about 6% faster on one 2-core machine and slower on another (docs/benchmarks.md), so the
+      # default is the setting that does not depend on the processor; `mesh.cpu_devices=2` tries it.
+      mesh=config_lib.MeshConfig(data=-1, fsdp=1, tensor=1),
       optim=config_lib.OptimConfig(
           name="adamw",
           learning_rate=2e-3,  # small model, short run: a high peak

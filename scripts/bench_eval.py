@@ -103,11 +103,16 @@ def main() -> None:
   parser.add_argument("--baseline-questions", type=int, default=100, help="(a) runs on this many first questions")
   parser.add_argument("--limit", type=int, help="the first N questions only (a quick check; the figures use all)")
   parser.add_argument("--piqa", default=str(REPO.parent / "shared/data/eval/piqa"))
+  parser.add_argument("--cpu-devices", type=int,
+                      help="XLA devices of this CPU host (default: the run's mesh.cpu_devices)")
   args = parser.parse_args()
 
   from llm_jax import checkpoint, distributed, sharding
   from llm_jax.config import MeshConfig
-  distributed.set_cpu_devices(checkpoint.find_params(args.workdir)[1].mesh.cpu_devices)  # as `llm-jax eval` does
+  cpu_devices = args.cpu_devices
+  if cpu_devices is None:  # the run's own, as `llm-jax eval` does
+    cpu_devices = checkpoint.find_params(args.workdir)[1].mesh.cpu_devices
+  distributed.set_cpu_devices(cpu_devices)
   import jax
   import torch
   from lm_eval.api.instance import Instance

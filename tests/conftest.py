@@ -15,8 +15,10 @@ from jax_processes import FAST_COMPILE  # tests/jax_processes.py (imports no jax
 # (its compiles 8.8 s -> 5.3 s -> 3.1 s; AMD EPYC, 2 cores). Both change how fast the kernels run, not what
 # they compute (no fast-math either way); every process a test starts inherits them. Speed is measured by
 # scripts/, never here.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    *FAST_COMPILE]).strip()
+# (xdist's workers inherit the flags of the process that starts them and run this file again: nothing twice.)
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in ("--xla_force_host_platform_device_count=8", *FAST_COMPILE)
+                                             if f not in _flags])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent XLA compilation cache per test session, inherited by every process a test starts:
@@ -32,7 +34,8 @@ from llm_jax import distributed  # noqa: E402  (imports jax; XLA reads its flags
 
 # Eight devices on two busy cores: XLA's 40 s watchdog on a collective's stragglers is raised, as
 # `mesh.cpu_devices` raises it for users (llm_jax/distributed.py says why).
-os.environ["XLA_FLAGS"] += f" {distributed.COLLECTIVE_WATCHDOG}={distributed.COLLECTIVE_WATCHDOG_SECONDS}"
+if distributed.COLLECTIVE_WATCHDOG not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += f" {distributed.COLLECTIVE_WATCHDOG}={distributed.COLLECTIVE_WATCHDOG_SECONDS}"
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 import pytest  # noqa: E402

@@ -151,15 +151,19 @@ def test_cpu_device_count_is_set_before_jax_starts_and_checked_after():
   code = ("import os\nimport jax\nfrom llm_jax import distributed\nfrom llm_jax.config import MeshConfig\n"
           "distributed.initialize(MeshConfig(cpu_devices=3))\nprint(jax.device_count())\n"
           "print(os.environ['XLA_FLAGS'])")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-  count, flags = out.stdout.splitlines()
-  assert count == "3"  # the 8 devices of this test process's XLA_FLAGS are overridden
+  # This process's XLA_FLAGS carry conftest's watchdog setting: the fresh processes start without it.
+  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(distributed.COLLECTIVE_WATCHDOG))
+
+  def watchdog_flags(xla_flags: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "XLA_FLAGS": xla_flags})
+    count, child_flags = out.stdout.splitlines()
+    assert count == "3"  # the 8 devices of this test process's XLA_FLAGS are overridden
+    return [f for f in child_flags.split() if f.startswith(distributed.COLLECTIVE_WATCHDOG)]
+
   # Its devices share the cores: XLA's 40 s watchdog on a collective's stragglers is raised, unless the user set it.
-  assert f"{distributed.COLLECTIVE_WATCHDOG}=600" in flags.split()
-  mine = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} {distributed.COLLECTIVE_WATCHDOG}=90"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=mine)
-  assert [f for f in out.stdout.split() if f.startswith(distributed.COLLECTIVE_WATCHDOG)] == [
-      f"{distributed.COLLECTIVE_WATCHDOG}=90"]
+  assert watchdog_flags(flags) == [f"{distributed.COLLECTIVE_WATCHDOG}=600"]
+  assert watchdog_flags(f"{flags} {distributed.COLLECTIVE_WATCHDOG}=90") == [f"{distributed.COLLECTIVE_WATCHDOG}=90"]
   distributed.set_cpu_devices(jax.device_count())  # this process already runs with 8: a match is fine
   with pytest.raises(ConfigError, match="already runs with 8 CPU devices"):
     distributed.set_cpu_devices(2)

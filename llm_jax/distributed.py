@@ -28,6 +28,13 @@ COLLECTIVE_WATCHDOG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 COLLECTIVE_WATCHDOG_SECONDS = 600
 
 
+def with_collective_watchdog(xla_flags: str) -> str:
+  """`xla_flags` (an XLA_FLAGS value) with the watchdog raised, unless they set it already."""
+  if COLLECTIVE_WATCHDOG in xla_flags:
+    return xla_flags
+  return f"{xla_flags} {COLLECTIVE_WATCHDOG}={COLLECTIVE_WATCHDOG_SECONDS}".strip()
+
+
 def initialize(mesh: MeshConfig) -> None:
   """Sets the CPU device count, then initializes `jax.distributed` when config or environment ask."""
   set_cpu_devices(mesh.cpu_devices)
@@ -55,9 +62,8 @@ def set_cpu_devices(count: int) -> None:
     return
   try:
     jax.config.update("jax_num_cpu_devices", count)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count > 1 and COLLECTIVE_WATCHDOG not in flags:  # read when the backend starts, after this
-      os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_WATCHDOG}={COLLECTIVE_WATCHDOG_SECONDS}".strip()
+    if count > 1:  # XLA reads its flags when the backend starts, after this
+      os.environ["XLA_FLAGS"] = with_collective_watchdog(os.environ.get("XLA_FLAGS", ""))
   except RuntimeError:  # JAX has started its backends: fine if they already have that many
     have = len(jax.devices("cpu"))
     if have != count:

@@ -34,8 +34,7 @@ from llm_jax import distributed  # noqa: E402  (imports jax; XLA reads its flags
 
 # Eight devices on two busy cores: XLA's 40 s watchdog on a collective's stragglers is raised, as
 # `mesh.cpu_devices` raises it for users (llm_jax/distributed.py says why).
-if distributed.COLLECTIVE_WATCHDOG not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {distributed.COLLECTIVE_WATCHDOG}={distributed.COLLECTIVE_WATCHDOG_SECONDS}"
+os.environ["XLA_FLAGS"] = distributed.with_collective_watchdog(os.environ["XLA_FLAGS"])
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 import pytest  # noqa: E402

@@ -39,7 +39,7 @@ def measure(config: config_lib.Config, steps: int) -> dict:
              for _ in range(4)]
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
-  compile_s, step_time, _, out = time_steps(train_step, state, batches, steps)
+  compile_s, step_time, _, out, _ = time_steps(train_step, state, batches, steps)
   return {"step_time_s": round(step_time, 4), "tokens_per_sec": round(B * L / step_time, 1),
           "compile_s": round(compile_s, 2), "trainable_params": int(trainable), "optimizer_state_bytes": int(opt_bytes),
           "loss": float(out["loss"])}

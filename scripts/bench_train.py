@@ -1,6 +1,7 @@
 """Train-step throughput on random tokens; prints one JSON line.
 
   python scripts/bench_train.py --preset gpt-10m --compare-torch mesh.cpu_devices=2 mesh.data=2 mesh.fsdp=1  # CPU
+  python scripts/bench_train.py --config configs/tiny_shakespeare.py --compare-torch  # the main job's model
   python scripts/bench_train.py --preset gpt2-124m --dtype bfloat16 --batch-size 32 --seq-len 1024  # GPU
 
 gpt-10m is fixed: 6 layers, 6 heads, d_model 384, d_ff 1536, seq_len 256, vocab 8192, global
@@ -12,13 +13,17 @@ nothing from the data pipeline, so it runs where grain and TFDS are not installe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import pathlib
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -40,21 +45,35 @@ def random_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int)
           "loss_mask": np.ones((batch, seq_len), np.float32)}
 
 
+def bench_config(preset: str = "gpt-10m", batch_size: int | None = None, seq_len: int | None = None,
+                 dtype: str = "float32", overrides: list[str] = (), config_path: str = "") -> config_lib.Config:
+  """The benchmarked config: a preset's model, or a config file's model, mesh, optimizer, batch and length.
+
+  The step count only shapes the learning-rate schedule; it is fixed so figures compare.
+  """
+  if config_path:
+    config = config_lib.load_file(config_path)
+    batch_size, seq_len = batch_size or config.train.batch_size, seq_len or config.data.seq_len
+  else:
+    defaults = DEFAULTS.get(preset, dict(batch_size=8, seq_len=1024))
+    batch_size, seq_len = batch_size or defaults["batch_size"], seq_len or defaults["seq_len"]
+    config = config_lib.Config(model=presets.get(preset))
+  config = config_lib.override(config, {
+      "data.seq_len": seq_len, "train.batch_size": batch_size, "train.steps": 1000, "model.dtype": dtype,
+      "model.max_len": max(config.model.max_len, seq_len)})
+  return config_lib.override(config, list(overrides))
+
+
 def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len: int | None = None,
-                 steps: int = 25, dtype: str = "float32", overrides: list[str] = (), remat: str = "") -> dict:
-  """Compile time, median step time over `steps` steps after two warm-up steps, tokens/s, MFU.
+                 steps: int = 25, dtype: str = "float32", overrides: list[str] = (), remat: str = "",
+                 config_path: str = "", rounds: int = 1, between_rounds: Callable[[], None] | None = None) -> dict:
+  """Compile time, median step time over `rounds` x `steps` steps after two warm-up steps, tokens/s, MFU.
 
   `remat` "best" takes the policy that recomputes least while the planned step fits the device
   (`memory.best_remat`, from the device's memory limit); "" keeps the config's.
   """
-  defaults = DEFAULTS.get(preset, dict(batch_size=8, seq_len=1024))
-  batch_size = batch_size or defaults["batch_size"]
-  seq_len = seq_len or defaults["seq_len"]
-  model = presets.get(preset)
-  config = config_lib.Config(model=model, data=config_lib.DataConfig(seq_len=seq_len),
-                             train=config_lib.TrainConfig(batch_size=batch_size, steps=1000))
-  config = config_lib.override(config, {"model.dtype": dtype, "model.max_len": max(model.max_len, seq_len)})
-  config = config_lib.override(config, list(overrides))
+  config = bench_config(preset, batch_size, seq_len, dtype, overrides, config_path)
+  batch_size, seq_len = config.train.batch_size, config.data.seq_len
   distributed.set_cpu_devices(config.mesh.cpu_devices)
   config_lib.validate(config, jax.device_count())
   device_stats = jax.devices()[0].memory_stats() or {}
@@ -76,15 +95,17 @@ def measure_step(preset: str = "gpt-10m", batch_size: int | None = None, seq_len
   batches = [jax.device_put(random_batch(rng, batch_size, seq_len, config.model.vocab_size),
                             sharding.batch_sharding(mesh)) for _ in range(4)]
 
-  compile_s, step_time, faults_per_step, out = time_steps(train_step, state, batches, steps)
+  compile_s, step_time, faults_per_step, out, round_medians = time_steps(train_step, state, batches, steps, rounds,
+                                                                        between_rounds)
   tokens_per_sec = batch_size * seq_len / step_time
   peak_bytes = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   flops = stats.flops_per_token(config.model, seq_len)
   return {
-      "preset": preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "preset": config_path or preset, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "dtype": dtype, "remat": config.model.remat, "batch_size": batch_size,
       "seq_len": seq_len, "params": stats.count_params(config.model)["params"],
-      "tokens_per_sec": round(tokens_per_sec, 1), "step_time_s": round(step_time, 4), "compile_s": round(compile_s, 2),
+      "tokens_per_sec": round(tokens_per_sec, 1), "step_time_s": round(step_time, 4),
+      "round_step_times_s": [round(t, 4) for t in round_medians], "compile_s": round(compile_s, 2),
       "mfu": round(flops * tokens_per_sec / peak, 4), "peak_flops": peak, "peak_source": peak_source,
       "flops_per_token": flops, "loss": float(out["loss"]),
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -117,29 +138,42 @@ def cpu_model() -> str:
   return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
-def time_steps(train_step, state, batches: list, steps: int) -> tuple[float, float, float, dict]:
-  """(compile s, median step s over `steps` after two warm-up steps, page faults a step, last metrics)."""
+def time_steps(train_step, state, batches: list, steps: int, rounds: int = 1,
+               between_rounds: Callable[[], None] | None = None) -> tuple[float, float, float, dict, list[float]]:
+  """(compile s, median step s, page faults a step, last metrics, each round's median step s).
+
+  `rounds` rounds of `steps` timed steps follow two warm-up steps; `between_rounds` runs after
+  each round (a peer's own round), so both sides see the machine's same minutes.
+  """
   start = time.perf_counter()
   state, out = train_step(state, batches[0])
   jax.block_until_ready(out)
   compile_s = time.perf_counter() - start
   state, out = train_step(state, batches[1])
   jax.block_until_ready(out)
-  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, out = train_step(state, batches[i % len(batches)])
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
-  return compile_s, statistics.median(times), faults_per_step, out
+  times, round_medians, faults = [], [], 0
+  for _ in range(rounds):
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    round_times = []
+    for i in range(steps):
+      start = time.perf_counter()
+      state, out = train_step(state, batches[i % len(batches)])
+      jax.block_until_ready(out)
+      round_times.append(time.perf_counter() - start)
+    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    times += round_times
+    round_medians.append(statistics.median(round_times))
+    if between_rounds:
+      between_rounds()
+  return compile_s, statistics.median(times), faults / (steps * rounds), out, round_medians
 
 
 def main() -> None:
   host_memory.reexec_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="gpt-10m")
+  parser.add_argument("--config", default="", help="a config file whose model, batch size and seq_len to time "
+                      "(instead of --preset)")
   parser.add_argument("--batch-size", type=int)
   parser.add_argument("--seq-len", type=int)
   parser.add_argument("--steps", type=int, default=25, help="timed steps after two warm-up steps")
@@ -147,28 +181,48 @@ def main() -> None:
   parser.add_argument("--remat", default="", help="a model.remat policy, or best: the one that recomputes least "
                       "while the planned step fits the device")
   parser.add_argument("--compare-torch", action="store_true",
-                      help="also time the nanoGPT-style PyTorch model of scripts/torch_reference.py (gpt2 family)")
+                      help="also time the same architecture in eager PyTorch (scripts/torch_reference.py), "
+                      "its own process, one round after each of ours")
+  parser.add_argument("--rounds", type=int, default=3, help="with --compare-torch: rounds of --steps steps, each "
+                      "side's rounds alternated")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = parser.parse_args()
-  result = measure_step(args.preset, args.batch_size, args.seq_len, args.steps, args.dtype, args.overrides, args.remat)
+  peer = None
   if args.compare_torch:
-    model = presets.get(args.preset)
-    result.update(torch_figures(model, result["batch_size"], result["seq_len"], args.steps, result["flops_per_token"],
-                                result["tokens_per_sec"]))
+    config = bench_config(args.preset, args.batch_size, args.seq_len, args.dtype, args.overrides, args.config)
+    peer = TorchPeer(config.model, config.train.batch_size, config.data.seq_len, args.steps)
+  result = measure_step(args.preset, args.batch_size, args.seq_len, args.steps, args.dtype, args.overrides, args.remat,
+                        args.config, args.rounds if peer else 1, peer)
+  if peer:
+    result.update(peer.figures(result["flops_per_token"], result["round_step_times_s"]))
   print(json.dumps(result))
 
 
-def torch_figures(model, batch_size: int, seq_len: int, steps: int, flops: float, tokens_per_sec: float) -> dict:
-  """The PyTorch peer in this same process: its tokens/s, its MFU against torch's own matmul rate."""
-  import torch_reference
-  torch_step, torch_loss = torch_reference.median_step_time(
-      model.vocab_size, model.max_len, model.num_layers, model.d_model, model.num_heads, model.d_ff, batch_size,
-      seq_len, steps)
-  torch_tokens = batch_size * seq_len / torch_step
-  torch_peak = torch_reference.matmul_flops()
-  return {"torch_tokens_per_sec": round(torch_tokens, 1), "torch_step_time_s": round(torch_step, 4),
-          "torch_mfu": round(flops * torch_tokens / torch_peak, 4), "torch_peak_flops": torch_peak,
-          "torch_loss": torch_loss, "speedup_vs_torch": round(tokens_per_sec / torch_tokens, 2)}
+class TorchPeer:
+  """The PyTorch peer, one process a round, with glibc's default malloc (torch's own setting)."""
+
+  def __init__(self, model, batch_size: int, seq_len: int, steps: int):
+    script = pathlib.Path(__file__).with_name("torch_reference.py")
+    self.command = [sys.executable, str(script), "--model", json.dumps(dataclasses.asdict(model)),
+                    "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps)]
+    self.env = {k: v for k, v in os.environ.items() if not (k == "GLIBC_TUNABLES" and v == host_memory.TUNABLE)}
+    self.tokens = batch_size * seq_len
+    self.rounds: list[dict] = []
+
+  def __call__(self) -> None:
+    out = subprocess.run(self.command, env=self.env, capture_output=True, text=True, check=True).stdout
+    self.rounds.append(json.loads(out.splitlines()[-1]))
+
+  def figures(self, flops: float, our_round_times: list[float]) -> dict:
+    """Its tokens/s and MFU (against torch's own matmul rate), and our speed over its, round by round."""
+    times = [r["step_time_s"] for r in self.rounds]
+    step = statistics.median(times)
+    peak = statistics.median(r["matmul_flops"] for r in self.rounds)
+    ratios = [theirs / ours for ours, theirs in zip(our_round_times, times, strict=True)]
+    return {"torch_tokens_per_sec": round(self.tokens / step, 1), "torch_step_time_s": round(step, 4),
+            "torch_round_step_times_s": [round(t, 4) for t in times], "torch_mfu": round(flops * self.tokens / step / peak, 4),
+            "torch_peak_flops": peak, "torch_loss": self.rounds[-1]["loss"], "torch_threads": self.rounds[-1]["threads"],
+            "speedup_vs_torch_rounds": [round(r, 3) for r in ratios], "speedup_vs_torch": round(statistics.median(ratios), 2)}
 
 
 if __name__ == "__main__":

@@ -108,6 +108,42 @@ def test_remat_keeps_values_and_gradients(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
 
 
+# Every weight product of the model: projections in and out of heads, the MLP, both output heads.
+WEIGHT_SPECS = [("bld,dhk->blhk", (2, 5, 8), (8, 2, 4)), ("blhk,hkd->bld", (2, 5, 2, 4), (2, 4, 8)),
+                ("bld,df->blf", (2, 5, 8), (8, 12)), ("bld,vd->blv", (2, 5, 8), (16, 8))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec,x_shape,w_shape", WEIGHT_SPECS)
+def test_weight_einsum_gradients_equal_autodiff(spec, x_shape, w_shape, dtype):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  w = jax.random.normal(kw, w_shape).astype(dtype)
+  for preferred in (None, jnp.float32):
+    ours, ours_vjp = jax.vjp(lambda a, b: layers.weight_einsum(spec, a, b, preferred), x, w)
+    ref, ref_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=preferred), x, w)
+    g = jax.random.normal(kg, ref.shape).astype(ref.dtype)
+    assert ours.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+    for a, b in zip(ours_vjp(g), ref_vjp(g), strict=True):
+      assert a.dtype == b.dtype
+      tol = 1e-6 if dtype == "float32" else 1e-2  # bf16: the same products, summed in another order
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_save_matmuls_keeps_weight_products_through_the_custom_backward():
+  """The remat policy sees the forward's products inside weight_einsum: none is recomputed."""
+  params = params_for(LLAMA)
+  tokens = random_tokens((2, 16), LLAMA.vocab_size)
+
+  def dots_in_grad(remat):
+    cfg = dataclasses.replace(LLAMA, remat=remat)
+    text = jax.jit(jax.grad(lambda p: transformer.forward(p, cfg, tokens).mean())).lower(params).as_text()
+    return text.count("stablehlo.dot_general")
+
+  assert dots_in_grad("save_matmuls") < dots_in_grad("full")
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_gqa_matches_reference_attention(kv_heads):
   """Grouped-query attention equals multi-head attention with each kv head repeated."""

@@ -10,6 +10,7 @@ accumulation there costs accuracy for no speed.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -22,6 +23,56 @@ from llm_jax.model import attention as kernels
 def lead(v: jax.Array, x: jax.Array) -> jax.Array:
   """Adds leading unit axes so `v` broadcasts against `x` (tests forbid implicit rank promotion)."""
   return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def weight_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+  """`jnp.einsum(spec, x, w)` for an activation x and a weight w, with the backward written out.
+
+  The backward computes autodiff's gradients (the same contractions in the same dtypes) in a form
+  that XLA's CPU matmuls take without large transposed copies: see `_weight_gradient`. On a 2-core
+  AVX2 machine that took gpt-10m's train step to about 0.75x of its time and the main job's to
+  about 0.9x (docs/benchmarks.md). Accelerators run the same contractions.
+  """
+  return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _weight_einsum_fwd(spec, x, w, preferred_element_type):
+  return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type), (x, w)
+
+
+def _weight_einsum_bwd(spec, preferred_element_type, residuals, g):
+  x, w = residuals
+  inputs, out = spec.split("->")
+  x_sub, w_sub = inputs.split(",")
+  dx = jnp.einsum(f"{out},{w_sub}->{x_sub}", g, w, preferred_element_type=preferred_element_type)
+  dw = _weight_gradient(x, x_sub, g, out, w_sub, preferred_element_type)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _weight_gradient(x: jax.Array, x_sub: str, g: jax.Array, g_sub: str, w_sub: str, preferred_element_type):
+  """dw: x times the output gradient g, summed over the token axes, with the narrower operand first.
+
+  XLA's CPU matmul kernel wants the first operand's summed axis innermost; activations have it
+  outermost ([tokens, features]), so XLA writes a transposed copy of whichever operand it puts
+  first, a strided write fused into the pass that made it. Autodiff's form let XLA pick the wide
+  one (gpt-10m: the MLP's 1536 features, or the output head's 8192 logits, where 384 would do).
+  Here the narrower of x and g goes first, and the barrier keeps XLA from folding the last
+  transpose, into w's axis order, back into the product, which would swap the operands again.
+  """
+  x_free = "".join(c for c in x_sub if c in w_sub)
+  g_free = "".join(c for c in g_sub if c in w_sub)
+
+  def width(a: jax.Array, sub: str, free: str) -> int:
+    return math.prod(a.shape[sub.index(c)] for c in free)
+
+  (a, a_sub, a_free), (b, b_sub, b_free) = sorted(
+      [(x, x_sub, x_free), (g, g_sub, g_free)], key=lambda operand: width(*operand))
+  dw = jnp.einsum(f"{a_sub},{b_sub}->{a_free}{b_free}", a, b, preferred_element_type=preferred_element_type)
+  return jnp.einsum(f"{a_free}{b_free}->{w_sub}", jax.lax.optimization_barrier(dw))
+
+
+weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
 def layer_norm(x_BLD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: float) -> jax.Array:

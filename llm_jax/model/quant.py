@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from llm_jax.model import layers
+
 Params = dict[str, Any]
 
 # projection -> how many leading axes of its kernel are inputs (o_proj: [H, K] -> D)
@@ -76,13 +78,13 @@ def is_quantized(p: Params, name: str) -> bool:
   return name + _SCALE in p
 
 
-def einsum(spec: str, x: jax.Array, p: Params, name: str, dtype: Any, **kwargs: Any) -> jax.Array:
+def einsum(spec: str, x: jax.Array, p: Params, name: str, dtype: Any, preferred_element_type: Any = None) -> jax.Array:
   """x times the weight `p[name]` by the einsum `spec` (e.g. "bld,dhk->blhk"), in `dtype`.
 
   An int8 weight enters the product as integers in `dtype` (exact up to 127 in bfloat16 too),
   and its scale multiplies the result's output channels, the weight's axes that x lacks.
   """
-  y = jnp.einsum(spec, x, p[name].astype(dtype), **kwargs)
+  y = layers.weight_einsum(spec, x, p[name].astype(dtype), preferred_element_type)
   if not is_quantized(p, name):
     return y
   inputs, out = spec.split("->")

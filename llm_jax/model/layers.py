@@ -31,8 +31,8 @@ def weight_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
 
   The backward computes autodiff's gradients (the same contractions in the same dtypes) in a form
   that XLA's CPU matmuls take without large transposed copies: see `_weight_gradient`. On a 2-core
-  AVX2 machine that took gpt-10m's train step to about 0.75x of its time and the main job's to
-  about 0.9x (docs/benchmarks.md). Accelerators run the same contractions.
+  AVX2 machine gpt-10m's train step took about 0.85x of autodiff's time and the main job's about
+  0.9x, each within a wide spread (docs/benchmarks.md). Accelerators run the same contractions.
   """
   return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 

@@ -1,8 +1,12 @@
 """The Python pieces of scripts/device_check.sh, run on CPU with tiny sizes (the GPU runs them full size)."""
 
+import math
 import sys
 
+import pytest
 from test_train_loop import REPO
+
+from llm_jax.model import presets, stats
 
 sys.path.insert(0, str(REPO / "scripts"))
 import attention_check  # noqa: E402  scripts/attention_check.py
@@ -20,3 +24,17 @@ def test_bench_train_reports_the_plan_and_the_kernel():
                                     overrides=["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], remat="full")
   assert result["attention"] == "einsum" and result["remat"] == "full" and result["cpu"]
   assert result["planned_bytes_per_device"] > 0 and result["tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_torch_peer_trains_the_same_architecture(preset):
+  """The peer of --compare-torch has our parameter count, and its process reports a step and a loss."""
+  import torch_reference  # scripts/torch_reference.py; imports torch
+
+  model = presets.get(preset)
+  assert sum(p.numel() for p in torch_reference.GPT(model).parameters()) == stats.count_params(model)["params"]
+  peer = bench_train.TorchPeer(model, batch_size=2, seq_len=16, steps=1)
+  peer()
+  figures = peer.figures(stats.flops_per_token(model, 16), [0.5])
+  assert figures["torch_step_time_s"] > 0 and figures["speedup_vs_torch"] == round(figures["torch_step_time_s"] / 0.5, 2)
+  assert abs(figures["torch_loss"] - math.log(model.vocab_size)) < 0.5  # near uniform after one step from init

@@ -65,15 +65,30 @@ def test_packed_bucketed_batched_scoring_equals_one_by_one(cfg, pack_len):
   requests.append((context, [int(np.argmax(log_softmax(params, cfg, [context])[0, -1]))]))
   assert any(scoring.needs_truncation(r, cfg.max_len) for r in requests)  # left truncation is exercised
   rows = [scoring._row(c, x, cfg.max_len, i, True) for i, (c, x) in enumerate(requests)]
-  groups = scoring._pack_requests(rows, pack_len)
+  groups = scoring._pack_requests(rows, pack_len, scoring.buckets(cfg.max_len))
   shared, alone = any(len(g) > 1 for g, _ in groups), any(n > pack_len for _, n in groups)
   assert (shared, alone) == (pack_len > 0, pack_len < 32)  # each case is what its id says
   results = scoring.score(params, cfg, requests, batch_size=4, pack_len=pack_len)
-  for request, (total, greedy) in zip(requests, results):
+  assert_one_by_one(params, cfg, requests, results)
+  assert results[-1][1] is True
+
+
+def test_short_requests_fill_the_rest_of_long_rows_and_long_rows_batch_by_tokens():
+  """Requests of 19 input tokens open rows of their bucket (24) whose rest takes requests of 4; with
+  pack_len 16 and batch_size 4 a batch holds 64 tokens, so those rows go two at a time."""
+  params = params_for(LLAMA)
+  requests = random_requests(14, LLAMA.vocab_size, seed=3, lengths=(5, 20))
+  rows = [scoring._row(c, x, LLAMA.max_len, i, True) for i, (c, x) in enumerate(requests)]
+  groups = scoring._pack_requests(rows, 16, scoring.buckets(LLAMA.max_len))
+  assert any(n == 24 and len(g) > 1 for g, n in groups) and sum(n == 24 for _, n in groups) > 2
+  assert_one_by_one(params, LLAMA, requests, scoring.score(params, LLAMA, requests, batch_size=4, pack_len=16))
+
+
+def assert_one_by_one(params, cfg, requests, results):
+  for request, (total, greedy) in zip(requests, results, strict=True):
     expected, expected_greedy = direct(params, cfg, *request)
     np.testing.assert_allclose(total, expected, atol=1e-5, rtol=1e-5)
     assert greedy == expected_greedy
-  assert results[-1][1] is True
 
 
 def test_the_same_requests_in_any_order_give_the_same_figures_bit_for_bit():

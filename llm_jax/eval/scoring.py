@@ -3,10 +3,10 @@
 `score` cuts each request to the model's context (lm-eval's left truncation: the last max_len
 tokens of context + continuation, minus the last, are the input), packs the short ones several
 to a row of `pack_len` tokens (segment ids keep them apart, positions restart in each, as in
-training), gives each longer one a row of its own padded to a few length buckets, and runs
-batches of one fixed size, the last batch of a shape filled with empty rows. Most requests of a
-task share one shape, so an evaluation compiles a handful of times, not once per length, and
-little of a row is padding. With a mesh the batch is split over its batch axes (data, fsdp) and
+training), opens for each longer one a row of its length bucket, whose rest short ones fill too,
+and runs batches of about `batch_size` x `pack_len` tokens, a shape's last batch cut to the power
+of two of rows that holds what is left. Most requests of a task share one shape, so an
+evaluation compiles a handful of times, not once per length, and little of a row is padding. With a mesh the batch is split over its batch axes (data, fsdp) and
 the parameters are replicated onto it unless they already live there. Every batch is dispatched
 before any result is fetched; results come back in request order.
 
@@ -128,7 +128,11 @@ def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
   return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
 
-PACK_LEN = 256  # tokens: several multiple-choice requests to a row, where attention still costs little
+# Tokens a packed row holds. A row of 512 takes about three byte-level PIQA requests (median 127
+# tokens) or ten subword ones, so nine in ten requests of such tasks share one compiled shape; on
+# the bench model 512 scored all of PIQA as fast as 256 once compiled and compiled fewer shapes
+# (docs/evaluation.md). Attention's cost per token grows with the row, little at these lengths.
+PACK_LEN = 512
 
 
 def score(params: Any, model_cfg: ModelConfig, requests: Sequence[Request], *, batch_size: int = 32,
@@ -140,15 +144,16 @@ def score(params: Any, model_cfg: ModelConfig, requests: Sequence[Request], *, b
   and the continuation must fit in model.max_len tokens (else a ScoringError). A longer request
   keeps its last max_len + 1 tokens, as lm-eval does, or with `truncate=False` is refused.
   Requests of at most `pack_len` (capped at model.max_len) input tokens share rows of that length;
-  `pack_len=0` gives every request a row of its own. `batch_size` rows run at a time (fewer when
-  there are fewer rows; rounded up to a multiple of the mesh's batch shards), so a batch never
-  holds more than batch_size x max(pack_len, its bucket) tokens; the figures do not depend on either
-  beyond float rounding.
+  `pack_len=0` gives every request a row of its own. A batch holds `batch_size` rows of up to
+  `pack_len` tokens, or as many longer rows as fit in as many tokens (at least one; `batch_size` of
+  them without packing), rounded up to a multiple of the mesh's batch shards; the figures do not
+  depend on either setting beyond float rounding.
   """
   rows = [_row(c, x, model_cfg.max_len, i, truncate) for i, (c, x) in enumerate(requests)]
-  groups = _pack_requests(rows, min(pack_len, model_cfg.max_len))
+  pack_len = min(pack_len, model_cfg.max_len)
+  groups = _pack_requests(rows, pack_len, buckets(model_cfg.max_len))
   outputs = _batched(params, model_cfg, [[rows[i] for i in g] for g, _ in groups], [n for _, n in groups], _pack,
-                     _score_tokens, batch_size=batch_size, mesh=mesh)
+                     _score_tokens, batch_size=batch_size, mesh=mesh, batch_tokens=batch_size * pack_len)
   results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
   for (group, _), (log_p_L, greedy_L) in zip(groups, outputs):
     start = 0
@@ -159,25 +164,24 @@ def score(params: Any, model_cfg: ModelConfig, requests: Sequence[Request], *, b
   return results
 
 
-def _pack_requests(rows: list[tuple[list[int], int]], pack_len: int) -> list[tuple[list[int], int]]:
-  """(request indices, row length) of each row: requests of at most `pack_len` input tokens best-fit,
-  longest first (then by tokens, so the rows do not depend on the requests' order), into rows of
-  `pack_len`; each longer request alone in a row of its own length."""
+def _pack_requests(rows: list[tuple[list[int], int]], pack_len: int, sizes: list[int]) -> list[tuple[list[int], int]]:
+  """(request indices, row length) of each row, best fit, longest first (then by tokens, so the rows do
+  not depend on the requests' order): a request of more than `pack_len` input tokens opens a row of its
+  length bucket (`sizes`), any other a row of `pack_len`, and shorter requests fill what rows leave."""
   lengths = [len(tokens) - 1 for tokens, _ in rows]
   groups: list[tuple[list[int], int]] = []
-  free: list[tuple[int, int]] = []  # (tokens left, group) of the packed rows, sorted
+  free: list[tuple[int, int]] = []  # (tokens left, group) of the rows that can take another request, sorted
   for i in sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i])):
-    if lengths[i] > pack_len:
-      groups.append(([i], lengths[i]))
-      continue
-    fit = bisect.bisect_left(free, (lengths[i], -1))
+    fit = bisect.bisect_left(free, (lengths[i], -1)) if lengths[i] <= pack_len else len(free)
     if fit < len(free):
       left, g = free.pop(fit)
       groups[g][0].append(i)
     else:
-      left, g = pack_len, len(groups)
-      groups.append(([i], pack_len))
-    bisect.insort(free, (left - lengths[i], g))
+      left = pack_len if lengths[i] <= pack_len else sizes[bisect.bisect_left(sizes, lengths[i])]
+      g = len(groups)
+      groups.append(([i], left))
+    if pack_len:
+      bisect.insort(free, (left - lengths[i], g))
   return groups
 
 
@@ -236,19 +240,22 @@ def classify(params: Any, model_cfg: ModelConfig, examples: Sequence[Sequence[in
 
 
 def _batched(params: Any, model_cfg: ModelConfig, rows: list, lengths: list[int], pack: Callable,
-             compute: Callable, *, batch_size: int, mesh: jax.sharding.Mesh | None) -> list[tuple[np.ndarray, ...]]:
-  """`compute(params, *pack(batch rows, batch_size, bucket length), cfg=model_cfg)` over every row, each
-  output's row j belonging to the batch's row j; returns each row's outputs in the order of `rows`.
+             compute: Callable, *, batch_size: int, mesh: jax.sharding.Mesh | None,
+             batch_tokens: int = 0) -> list[tuple[np.ndarray, ...]]:
+  """`compute(params, *pack(batch rows, rows in the batch, bucket length), cfg=model_cfg)` over every row,
+  each output's row j belonging to the batch's row j; returns each row's outputs in the order of `rows`.
 
   Rows go longest first (memory runs out at once if at all), then by content, so a batch never
-  depends on the order the rows came in; each is padded to its length bucket.
+  depends on the order the rows came in; each is padded to its length bucket. A batch holds
+  `batch_size` rows, or with `batch_tokens` only as many as fit in that many tokens (at least one),
+  so long rows do not multiply a batch's memory and time; a bucket's last batch is cut to the
+  power of two that holds its rows, so two long requests do not pay for a full batch.
   """
   if batch_size < 1:
     raise ScoringError(f"batch_size={batch_size}: expected at least 1")
   if not rows:
     return []
   shards = batch_shards(mesh)
-  batch_size = -(-min(batch_size, len(rows)) // shards) * shards
   sizes = buckets(model_cfg.max_len)
   order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]))
   put = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh) if x.ndim == 2 else
@@ -260,9 +267,11 @@ def _batched(params: Any, model_cfg: ModelConfig, rows: list, lengths: list[int]
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     for length, group in itertools.groupby(order, key=lambda i: sizes[np.searchsorted(sizes, lengths[i])]):
       group = list(group)
-      for start in range(0, len(group), batch_size):
-        chunk = group[start:start + batch_size]
-        arrays = pack([rows[i] for i in chunk], batch_size, length)
+      per_batch = max(1, min(batch_size, batch_tokens // length)) if batch_tokens else batch_size
+      for start in range(0, len(group), per_batch):
+        chunk = group[start:start + per_batch]
+        padded = min(per_batch, 1 << (len(chunk) - 1).bit_length())
+        arrays = pack([rows[i] for i in chunk], -(-padded // shards) * shards, length)
         pending.append((chunk, compute(params, *map(put, arrays), cfg=model_cfg)))
   results: list[Any] = [None] * len(rows)
   for chunk, outputs in pending:

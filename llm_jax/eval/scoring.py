@@ -130,7 +130,7 @@ def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
 
 # Tokens a packed row holds. A row of 512 takes about three byte-level PIQA requests (median 127
 # tokens) or ten subword ones, so nine in ten requests of such tasks share one compiled shape; on
-# the bench model 512 scored all of PIQA as fast as 256 once compiled and compiled fewer shapes
+# the bench model 512 scored all of PIQA within 6% of 256 once compiled, and compiled fewer shapes
 # (docs/evaluation.md). Attention's cost per token grows with the row, little at these lengths.
 PACK_LEN = 512
 

@@ -66,6 +66,26 @@ def test_restore_onto_another_mesh(tmp_path, restore_mesh):
   assert int(train["step"]) == 3 and data == {"position": 7}
 
 
+
+def test_replicated_arrays_are_split_among_replicas_only_when_large(tmp_path):
+  """A replicated array is written whole unless each of its 8 replicas' parts holds 1 MiB, and restores equal."""
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=8, fsdp=1, tensor=1))
+  replicated = sharding.replicated(mesh)
+  rows = 8 * checkpoint.MIN_REPLICA_SLICE_BYTES // (4 * 1024)  # float32 rows of 1024: 1 MiB a replica
+  params = {"small": jax.device_put(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), replicated),
+            "large": jax.device_put(np.arange(rows * 1024, dtype=np.float32).reshape(rows, 1024), replicated)}
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(1, params, {"step": np.int32(1)}, {}, CONFIG)
+  ckpt.wait()
+  ckpt.close()
+  with checkpoint.ocp.StandardCheckpointer() as reader:
+    saved = reader.metadata(tmp_path / "checkpoints/1/params").item_metadata.tree
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    restored = reader.restore(tmp_path / "checkpoints/1/params", target)
+  assert saved["small"].storage.write_shape == (64, 64)
+  assert saved["large"].storage.write_shape == (rows // 8, 1024)
+  assert_trees_equal(restored, params)
+
 def test_scanned_checkpoint_restores_unscanned_and_back(tmp_path):
   mesh_cfg = config_lib.MeshConfig(data=1, fsdp=8, tensor=1)
   saved, optimizer = saved_run(tmp_path / "scanned", mesh_cfg)

@@ -52,8 +52,8 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-  from llm_jax.data import sources
-  print(sources.prepare(args.name, from_file=args.from_file, data_dir=args.data_dir))
+  from llm_jax.data import tfds_source
+  print(tfds_source.prepare(args.name, from_file=args.from_file, data_dir=args.data_dir))
   return 0
 
 

@@ -15,6 +15,7 @@ from test_train_loop import REPO, train
 from llm_jax import checkpoint, sharding
 from llm_jax import config as config_lib
 from llm_jax.data import packing, pipeline, sources
+from llm_jax.data.documents import DataError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import heads, presets, transformer
 from llm_jax.train import loop, losses
@@ -164,7 +165,7 @@ def test_one_pass_reads_every_test_example_exactly_once(tmp_path):
 def test_bad_rows_fail_in_one_line_naming_file_and_line(tmp_path, content, expected):
   (tmp_path / "train.tsv").write_text(content)
   data = config_lib.DataConfig(source=f"tsv:{tmp_path / 'train.tsv'}", format="classification")
-  with pytest.raises(sources.DataError) as e:
+  with pytest.raises(DataError) as e:
     sources.load(data, "train", num_classes=3)
   assert expected in str(e.value) and "\n" not in str(e.value)
 

@@ -14,8 +14,8 @@ from jax.sharding import Mesh
 
 from llm_jax import sharding
 from llm_jax.config import DataConfig
-from llm_jax.data import packing, pipeline, sources
-from llm_jax.data.sources import DataError
+from llm_jax.data import packing, pipeline, sources, tfds_source
+from llm_jax.data.documents import DataError
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID
 from jax_processes import run_processes  # tests/jax_processes.py (pytest puts tests/ on sys.path)
 
@@ -228,7 +228,7 @@ def test_bad_settings(tmp_path):
 
 def test_tfds_tiny_shakespeare_end_to_end(tmp_path, shared_data):
   input_txt = shared_data / "tiny_shakespeare" / "input.txt"
-  sources.prepare("tiny_shakespeare", str(input_txt), str(tmp_path))
+  tfds_source.prepare("tiny_shakespeare", str(input_txt), str(tmp_path))
   text = input_txt.read_text(encoding="utf-8")
   data = DataConfig(source="tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path), seq_len=64)
   train = next(pipeline.make_batches(data, BYTES, batch_size=8, seed=0, mesh=None))

@@ -17,7 +17,7 @@ from llm_jax import checkpoint, cli
 from llm_jax import config as config_lib
 from llm_jax.config import DataConfig
 from llm_jax.data import examples, packing, pipeline, sources, templates
-from llm_jax.data.sources import DataError
+from llm_jax.data.documents import DataError
 from llm_jax.data.templates import Message
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID, PAD_ID
 from llm_jax.model import presets, transformer

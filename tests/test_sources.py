@@ -11,8 +11,8 @@ import pytest
 
 from llm_jax import cli
 from llm_jax.config import DataConfig
-from llm_jax.data import sources
-from llm_jax.data.sources import DataError
+from llm_jax.data import documents, sources, textfiles, tfds_source
+from llm_jax.data.documents import DataError
 
 
 def texts_of(docs) -> list[str]:
@@ -29,7 +29,7 @@ def shakespeare(shared_data) -> str:
 def tfds_dir(tmp_path_factory, shared_data) -> pathlib.Path:
   """tiny_shakespeare prepared offline, as `llm-jax data prepare` does it."""
   data_dir = tmp_path_factory.mktemp("tfds")
-  sources.prepare("tiny_shakespeare", str(shared_data / "tiny_shakespeare" / "input.txt"), str(data_dir))
+  tfds_source.prepare("tiny_shakespeare", str(shared_data / "tiny_shakespeare" / "input.txt"), str(data_dir))
   return data_dir
 
 
@@ -103,7 +103,7 @@ def test_tfds_errors(tfds_dir):
 
 
 def test_missing_tfds_dataset_offline_names_the_prepare_command(tmp_path):
-  if sources._online("raw.githubusercontent.com"):
+  if documents.online("raw.githubusercontent.com"):
     pytest.skip("this machine is online: TFDS would download the dataset instead")
   with pytest.raises(DataError) as error:
     sources.load(DataConfig(source="tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path)), "train")
@@ -131,16 +131,16 @@ def test_tfrecord_dataset_reads_by_index_without_tensorflow(tfds_dir, tmp_path):
   for split in ("train", "validation+test"):
     want = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(tfds_dir)), "train")
     got = sources.load(DataConfig(source=f"tfds:tiny_shakespeare:{split}", tfds_data_dir=str(copy)), "train")
-    assert isinstance(got._source, sources.TfrecordExamples)
+    assert isinstance(got._source, tfds_source.TfrecordExamples)
     order = list(reversed(range(len(want))))
     assert [got[i] for i in order] == [want[i] for i in order] and len(got) == len(want) > 10
 
 
 def test_prepare_errors(tmp_path):
   with pytest.raises(DataError, match="knows tiny_shakespeare, not 'mnist'"):
-    sources.prepare("mnist", str(tmp_path / "x"), str(tmp_path))
+    tfds_source.prepare("mnist", str(tmp_path / "x"), str(tmp_path))
   with pytest.raises(DataError, match=r"--from-file .*input.txt: no such file"):
-    sources.prepare("tiny_shakespeare", str(tmp_path / "input.txt"), str(tmp_path))
+    tfds_source.prepare("tiny_shakespeare", str(tmp_path / "input.txt"), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- local files
@@ -204,7 +204,7 @@ def test_missing_files_and_empty_data(tmp_path):
 
 @pytest.mark.parametrize("text", ["a\n" * 50, "x" * 95, "line one\nline two is longer\n" * 7 + "tail", "", "short"])
 def test_chunk_spans_tile_the_text(text):
-  spans = sources.chunk_spans(text, 16)
+  spans = textfiles.chunk_spans(text, 16)
   assert "".join(text[a:b] for a, b in spans) == text
   assert all(0 < b - a <= 16 for a, b in spans)
   assert all(text[b - 1] == "\n" for a, b in spans[:-1] if "\n" in text[a + 8:a + 16])
@@ -252,7 +252,7 @@ def test_giant_local_file_is_held_out_by_pieces(shared_data, shakespeare):
 
 
 def test_undecodable_tfds_text_reports_example_and_offset():
-  examples = sources._Examples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
+  examples = documents.Examples("tfds:x:train", [{"text": b"fine"}, {"text": b"ok \xff tail"}], "text", None)
   assert examples[0] == ("fine", True)
   with pytest.raises(DataError, match=r"tfds:x:train example 1: invalid UTF-8 at byte offset 3"):
     examples[1]

@@ -10,7 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm_jax.config import DataConfig
 from llm_jax.data import examples, templates, tokenizer
-from llm_jax.data.sources import DataError
+from llm_jax.data.documents import DataError
 from llm_jax.data.templates import EOS, Message, TemplateError
 
 transformers = pytest.importorskip("transformers")

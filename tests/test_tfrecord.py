@@ -11,7 +11,7 @@ import os
 import pytest
 
 from llm_jax.config import DataConfig
-from llm_jax.data import sources
+from llm_jax.data import sources, tfds_source
 
 if importlib.util.find_spec("tensorflow") is None:
   if os.environ.get("LLM_JAX_EXPECT_TF") == "1":
@@ -22,7 +22,7 @@ if importlib.util.find_spec("tensorflow") is None:
 def test_tfrecord_dataset_reads_like_the_array_record_one(shared_data, tmp_path):
   input_txt = str(shared_data / "tiny_shakespeare" / "input.txt")
   for file_format in ("array_record", "tfrecord"):
-    builder = sources._tiny_shakespeare_builder(input_txt, str(tmp_path / file_format), file_format)
+    builder = tfds_source._tiny_shakespeare_builder(input_txt, str(tmp_path / file_format), file_format)
     builder.download_and_prepare()
     assert builder.info.file_format.value == file_format
   documents = {}

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax.data import templates
-from llm_jax.data.sources import DataError
+from llm_jax.data.documents import DataError
 from llm_jax.data.tokenizer import Tokenizer
 
 

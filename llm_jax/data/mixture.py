@@ -23,7 +23,7 @@ import numpy as np
 
 from llm_jax.config import Mixture
 from llm_jax.data import packing
-from llm_jax.data.sources import DataError
+from llm_jax.data.documents import DataError
 
 BLOCK = 100  # rows of a slot dealt per shuffled block
 

@@ -19,7 +19,7 @@ the number of examples it has consumed (its offset stays 0). Every example is re
 tokenized once before the first batch: a bad record fails at once, and the examples that had to
 be cut are counted exactly (`BatchIterator.truncated`, logged once).
 
-Classification (data.format=classification, `sources.Sentence`s) packs the same way: an example is
+Classification (data.format=classification, `records.Sentence`s) packs the same way: an example is
 the sentence's tokens + eos (cut to its last L tokens when longer), and the batch gains
 
   labels       int32    the example's class at its last token (the eos), -1 everywhere else
@@ -37,8 +37,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from llm_jax.data import examples, sources, templates
-from llm_jax.data.sources import DataError
+from llm_jax.data import documents, examples, records, templates
+from llm_jax.data.documents import DataError
 from llm_jax.data.tokenizer import Tokenizer
 
 
@@ -83,7 +83,7 @@ class RowsIterator(grain.DatasetIterator):
       for stream, tokens in zip(short, self._tokenize(items)):
         stream.pending.append(tokens)
 
-  def _tokenize(self, pieces: list[sources.Piece]) -> list[np.ndarray]:
+  def _tokenize(self, pieces: list[documents.Piece]) -> list[np.ndarray]:
     ids = self._tokenizer.encode_batch([text for text, _ in pieces])
     eos = np.int32(self._tokenizer.eos_id)
     return [np.append(piece, eos) if ends else piece for piece, (_, ends) in zip(ids, pieces)]
@@ -170,7 +170,7 @@ class _Labelled:
     return len(self.ids)
 
 
-def encode_sentences(sentences: Sequence[sources.Sentence], tokenizer: Tokenizer, seq_len: int) -> list[_Labelled]:
+def encode_sentences(sentences: Sequence[records.Sentence], tokenizer: Tokenizer, seq_len: int) -> list[_Labelled]:
   """Each sentence's tokens + eos, keeping the last seq_len (the eos and the label stay); one tokenizer call."""
   eos = np.int32(tokenizer.eos_id)
   out = []
@@ -209,7 +209,7 @@ class _SentenceRowsIterator(RowsIterator):
     super().__init__(docs, tokenizer, rows, batch_size, seq_len)
     self._pad_id = pad_id(tokenizer)
 
-  def _tokenize(self, sentences: list[sources.Sentence]) -> list[_Labelled]:
+  def _tokenize(self, sentences: list[records.Sentence]) -> list[_Labelled]:
     return encode_sentences(sentences, self._tokenizer, self._L)
 
   def __next__(self) -> dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from llm_jax import sharding
 from llm_jax.config import DataConfig
 from llm_jax.data import examples, mixture, packing, shards, sources, templates
-from llm_jax.data.sources import DataError, Documents
+from llm_jax.data.documents import DataError, Documents
 from llm_jax.data.tokenizer import Tokenizer
 
 Batch = dict[str, Any]  # numpy arrays on the host (mesh=None) or global jax.Arrays

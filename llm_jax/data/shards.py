@@ -69,7 +69,7 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 class TokenShards:
-  """The pieces of a tokens:DIR source by index, each an int32 array of token ids (a `sources.Documents`)."""
+  """The pieces of a tokens:DIR source by index, each an int32 array of token ids (a `documents.Documents`)."""
 
   def __init__(self, name: str, directory: str):
     import grain

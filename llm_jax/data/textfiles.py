@@ -143,7 +143,7 @@ def field_text(line: str, field: str, where: str, error: type[UserError]) -> str
 
 
 class FilePieces:
-  """The pieces of local text or JSONL files, by index (a `sources.Documents`); see the module docstring."""
+  """The pieces of local text or JSONL files, by index (a `documents.Documents`); see the module docstring."""
 
   def __init__(self, name: str, files: list[pathlib.Path], kind: str, text_split: str, field: str, max_chars: int,
                error: type[UserError]):

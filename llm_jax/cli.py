@@ -13,8 +13,8 @@ import os
 import pathlib
 import sys
 
+from llm_jax import compile_cache, host_memory
 from llm_jax import config as config_lib
-from llm_jax import host_memory
 from llm_jax.errors import UserError
 
 
@@ -312,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-  """The `llm-jax` program: `main` in a process whose malloc asks for huge pages (host_memory)."""
+  """The `llm-jax` program: `main` in a process whose malloc asks for huge pages (host_memory), with a persistent
+  compilation cache (compile_cache)."""
   host_memory.reexec_with_huge_pages()
+  compile_cache.use_default()
   sys.exit(main())
 
 

@@ -11,9 +11,13 @@ import importlib.util
 import json
 import os
 import pathlib
+from typing import TYPE_CHECKING
 
 from llm_jax.config import DataConfig
 from llm_jax.data.documents import DataError, Examples, chunk_chars, cut_examples, online
+
+if TYPE_CHECKING:
+  import datasets  # the `data` extra, imported when a source needs it
 
 
 def spec(rest: str) -> tuple[str, str]:
@@ -34,7 +38,7 @@ def saved_splits(path: str) -> list[str]:
   return json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
 
 
-def open_dataset(rest: str, default_split: str):
+def open_dataset(rest: str, default_split: str) -> datasets.Dataset:
   """A `datasets.Dataset`: a save_to_disk folder, parquet or arrow files (offline), or a hub name (online)."""
   path, split = spec(rest)
   if importlib.util.find_spec("datasets") is None:
@@ -64,7 +68,7 @@ def open_dataset(rest: str, default_split: str):
   return datasets.load_dataset(path, split=split or default_split)
 
 
-def texts(rest: str, default_split: str, field: str):
+def texts(rest: str, default_split: str, field: str) -> datasets.Dataset:
   """The dataset with its text column alone (reading a row then decodes nothing else)."""
   dataset = open_dataset(rest, default_split)
   if field not in dataset.column_names:

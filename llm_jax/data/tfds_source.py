@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from llm_jax.config import DataConfig
 from llm_jax.data.documents import DataError, Examples, chunk_chars, cut_examples, online
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds  # imported when a tfds: source is read: it is slow to import
 
 _TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _PREPARABLE = ("tiny_shakespeare",)
@@ -54,7 +57,7 @@ def _download(name: str, data_dir: str) -> None:
     raise DataError(_missing_message(name, data_dir)) from None
 
 
-def dataset_builder(name: str, data_dir: str):
+def dataset_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
@@ -86,7 +89,7 @@ def examples(name: str, split: str, data: DataConfig) -> Examples:
   return examples
 
 
-def split_source(builder, split: str) -> Sequence[dict]:
+def split_source(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[dict]:
   """A TFDS split by index: array_record through `tfds.data_source`, tfrecord through `TfrecordExamples`."""
   import tensorflow_datasets as tfds
   if builder.info.file_format == tfds.core.FileFormat.TFRECORD:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ import numpy as np
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax.model import transformer
+
+if TYPE_CHECKING:
+  from llm_jax.data import tokenizer as tokenizer_lib  # imported where a tokenizer is read
 
 
 @dataclasses.dataclass
@@ -74,7 +77,7 @@ class Model:
     return sampling.generate_text(self.params, self.config.model, self.tokenizer, prompts, **kwargs)
 
 
-def find_tokenizer(path: pathlib.Path):
+def find_tokenizer(path: pathlib.Path) -> tokenizer_lib.Tokenizer | None:
   """The tokenizer saved beside a checkpoint: in the folder itself or in its run's workdir."""
   for folder in (path, *path.parents[:3]):
     if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():

@@ -13,7 +13,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 from llm_jax import checkpoint, distributed, sharding
 from llm_jax import config as config_lib
@@ -22,7 +22,7 @@ from llm_jax.eval.tasks import EvalError
 
 
 def run(workdir: str | pathlib.Path, names: Sequence[str], *, limit: int | None = None, batch_size: int = 32,
-        overrides: Sequence[str] = (), out=sys.stdout) -> list[dict[str, Any]]:
+        overrides: Sequence[str] = (), out: TextIO = sys.stdout) -> list[dict[str, Any]]:
   """Evaluates `workdir` on each task of `names`; returns the records written to WORKDIR/eval/<task>.json."""
   names = list(names)
   tasks_lib.check_names(names)

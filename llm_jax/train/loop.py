@@ -13,7 +13,7 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -96,7 +96,8 @@ def _tokenizer(config: config_lib.Config, workdir: pathlib.Path, resuming: bool)
   return tok
 
 
-def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, params: Any, frozen: Any, config: config_lib.Config,
+             tokenizer: tokenizer_lib.Tokenizer, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss over `train.eval_batches` batches of the validation split, the same batches every time;
   and `eval_accuracy` when the loss counts `correct` (classification). A data.mixture (without
   data.eval_source) is evaluated per source: `eval_loss/NAME` each, and `eval_loss` their mean by weight."""
@@ -114,7 +115,8 @@ def evaluate(eval_step, params, frozen, config: config_lib.Config, tokenizer, me
     return eval_loss.summarize(eval_step, params, frozen, zip(range(config.train.eval_batches), batches), "eval")
 
 
-def evaluate_test(eval_step, params, frozen, config: config_lib.Config, tokenizer, mesh) -> dict[str, float]:
+def evaluate_test(eval_step: Callable, params: Any, frozen: Any, config: config_lib.Config,
+                  tokenizer: tokenizer_lib.Tokenizer, mesh: jax.sharding.Mesh) -> dict[str, float]:
   """`test_loss`, `test_accuracy` and `test_examples` over the whole of data.test_source, each example once."""
   batches = pipeline.one_pass(config.data, tokenizer, batch_size=config.train.batch_size, mesh=mesh, split="test",
                               num_classes=config.model.num_classes)

@@ -38,7 +38,7 @@ PEAK_FLOPS = {
 }
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+def measure_matmul_flops(n: int = 1024, repeats: int = 10, dtype: Any = jnp.float32) -> float:
   """FLOP/s of a jitted n x n matmul on the default device: the CPU's achievable peak."""
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y)

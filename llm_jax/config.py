@@ -153,6 +153,7 @@ class TrainConfig:
   max_skipped_steps: int = 10  # consecutive updates skipped (non-finite loss or gradient, spikes) before the run stops
   spike_factor: float = 0.0  # skip an update whose loss exceeds this x the running mean of the loss; 0 = off
   profile_steps: str = ""  # "START:END": a jax.profiler trace of those steps in WORKDIR/profile/; "" = none
+  curves: bool = True  # WORKDIR/curves.png, redrawn after each evaluation and at the end (matplotlib, ~1 s of CPU)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,14 +82,19 @@ def test_a_folder_without_metrics_is_one_line(tmp_path, capsys, make, message):
   assert "expected a .png file name" in capsys.readouterr().err
 
 
-def test_reporter_draws_curves_at_each_eval_and_at_close(tmp_path):
+@pytest.mark.parametrize("curves", [True, False])
+def test_reporter_draws_curves_at_each_eval_and_at_close_unless_told_not_to(tmp_path, curves):
   (tmp_path / "config.json").write_text(json.dumps({"train": {"batch_size": 2}, "data": {"seq_len": 4}}))
-  reporter = metrics.Reporter(tmp_path, total_steps=4)
+  reporter = metrics.Reporter(tmp_path, total_steps=4, curves=curves)
   reporter.write({"step": 1, "loss": 3.0, "learning_rate": 0.1, "tokens_per_sec": 9.0})
   assert not (tmp_path / "curves.png").exists()  # no evaluation yet
   reporter.write({"step": 2, "loss": 2.0, "learning_rate": 0.1, "tokens_per_sec": 9.0, "eval_loss": 2.5})
   reporter.close()
-  assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
+  if curves:
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
+  else:  # train.curves=false: no picture, the records all the same
+    assert not (tmp_path / "curves.png").exists()
+  assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_failing_draw_warns_once_and_the_run_goes_on(tmp_path, capsys):

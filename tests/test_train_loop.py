@@ -25,14 +25,15 @@ KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_ti
 def tiny_run_args(shared_data, workdir, *extra):
   """A small GPT-2 on Tiny Shakespeare's bytes: a few seconds a dozen steps on 2 cores.
 
-  No end-of-run sample (its compile is a sixth of a tiny run's time); the end-to-end test asks for one.
+  No end-of-run sample (its compile is a sixth of a tiny run's time) and no curves.png (matplotlib's import
+  and one drawing, about 1.3 s of each run: tests/test_plot.py draws it); the end-to-end test asks for both.
   """
   return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "tests/gpt2_bytes_config.py"),
           "--workdir", str(workdir), f"data.source=text:{shared_data / 'tiny_shakespeare/input.txt'}",
           "data.text_split=blank_line", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
           "model.num_kv_heads=4", "model.d_ff=256", "data.seq_len=64", "model.max_len=64", "train.batch_size=16",
           "optim.warmup_steps=5", "optim.learning_rate=3e-3", "train.eval_batches=2", "sample.max_new_tokens=0",
-          *extra]
+          "train.curves=false", *extra]
 
 
 def train(args, optimized: bool = False, **kwargs):
@@ -55,8 +56,9 @@ def read_metrics(workdir):
 def test_train_command_end_to_end(shared_data, tmp_path):
   workdir = tmp_path / "run"
   result = train(tiny_run_args(shared_data, workdir, "train.steps=40", "train.log_every=5", "train.eval_every=20",
-                               "train.checkpoint_every=20", "sample.max_new_tokens=16"))
+                               "train.checkpoint_every=20", "sample.max_new_tokens=16", "train.curves=true"))
   assert result.returncode == 0, result.stderr[-3000:]
+  assert (workdir / "curves.png").read_bytes().startswith(b"\x89PNG")
   records = read_metrics(workdir)
   assert sorted(records) == [5, 10, 15, 20, 25, 30, 35, 40]
   for record in records.values():

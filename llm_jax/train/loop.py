@@ -186,7 +186,7 @@ def _train(config: config_lib.Config, workdir: pathlib.Path, profile: bool = Fal
       (workdir / "config.json").write_text(config_lib.to_json(config))
       tokenizer.save(workdir)
     train_step, eval_step = step_lib.compile_steps(config, optimizer, lr_schedule, mesh, shardings)
-    reporter = metrics_lib.Reporter(workdir, total, start or 0)
+    reporter = metrics_lib.Reporter(workdir, total, start or 0, curves=config.train.curves)
     tracer = profile_lib.Tracer(profile_lib.window(config.train.profile_steps, profile, start or 0, total), workdir,
                                 reporter.message)
     try:

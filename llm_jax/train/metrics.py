@@ -115,15 +115,16 @@ class Reporter:
   which logs and CI output can be read from. A run that starts at `start_step` (a resume, or 0)
   first drops the records of later steps that a killed predecessor left in metrics.jsonl.
   WORKDIR/curves.png (train/plot.py) is redrawn in the background after each evaluation's
-  record and once more at `close`.
+  record and once more at `close`, unless `curves` is False (train.curves).
   """
 
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0):
+  def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0, curves: bool = True):
     self.enabled = jax.process_index() == 0
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._bar = None
     self._tb = None
     self._curves = None
+    self._draw = curves
     if not self.enabled:
       return
     drop_records_after(self.path, start_step)
@@ -140,9 +141,9 @@ class Reporter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     step = record["step"]
-    if self._curves is None:
+    if self._curves is None and self._draw:
       self._curves = plot.Curves(self.path.parent, self.message)
-    if "eval_loss" in record:
+    if "eval_loss" in record and self._curves is not None:
       self._curves.draw()
     for key, value in record.items():  # a NaN loss (skipped by the step's guard) stays in metrics.jsonl only
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

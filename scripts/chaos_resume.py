@@ -48,13 +48,13 @@ class ChaosError(Exception):
 
 def train_command(workdir: pathlib.Path, data: pathlib.Path, steps: int) -> list[str]:
   """A tiny model on 2 CPU devices (as tests/test_train_loop.py's), logging every step and saving every
-  CHECKPOINT_EVERY steps."""
+  CHECKPOINT_EVERY steps; no curves.png, whose drawing only lengthens each attempt's end."""
   return [sys.executable, "-m", "llm_jax", "train", "--config", str(REPO / "configs/tiny_shakespeare.py"),
           "--workdir", str(workdir), f"data.source=text:{data}", "data.text_split=blank_line",
           "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=4", "model.d_ff=256",
           "data.seq_len=64", "model.max_len=64", "train.batch_size=16", "optim.warmup_steps=5",
           "optim.learning_rate=3e-3", "sample.max_new_tokens=16", f"train.steps={steps}", "train.log_every=1",
-          "train.eval_every=0", f"train.checkpoint_every={CHECKPOINT_EVERY}", "mesh.cpu_devices=2"]
+          "train.eval_every=0", f"train.checkpoint_every={CHECKPOINT_EVERY}", "mesh.cpu_devices=2", "train.curves=false"]
 
 
 class Attempt:

@@ -1,4 +1,9 @@
-"""scripts/chaos_resume.py through its real command: a run SIGKILLed three times ends with bitwise its losses."""
+"""scripts/chaos_resume.py through its real command: a run SIGKILLed three times ends with bitwise its losses.
+
+This is the suite's single-process kill-and-resume test: the kills land after a logged step, inside a save
+and during start-up, and at least one attempt resumes from a committed checkpoint (multi-process kills and
+resumes are in tests/test_multiprocess_resume.py).
+"""
 
 import json
 import pathlib
@@ -24,6 +29,8 @@ def test_three_kills_resume_to_bitwise_equal_losses(shared_data, tmp_path):
   report = json.loads(result.stdout.splitlines()[-1])
   assert report["kills"] == 3 and report["resumes"] == 3 and len(report["resumed_from_steps"]) == 3
   assert report["kinds"]["save"] >= 1 and sum(report["kinds"].values()) == 3
+  # At least one attempt resumed from a committed checkpoint (not from step 0): the clean kill-and-resume case.
+  assert any(step and step >= chaos_resume.CHECKPOINT_EVERY for step in report["resumed_from_steps"])
   assert report["bitwise_equal"] and report["first_difference"] is None and report["steps_compared"] == 40
 
   # What is on disk agrees: three attempts died before their end-of-run sample, the fourth finished the run.

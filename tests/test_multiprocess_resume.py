@@ -7,7 +7,6 @@ Evaluation, `train.init_from` and early stopping's bookkeeping run in every one 
 """
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -96,17 +95,9 @@ def test_sigkill_both_processes_and_resume_bitwise(shared_data, runs):
     p.send_signal(signal.SIGKILL)
   for p in processes:
     p.wait()
-  shutil.copytree(workdir, root / "killed_copy")  # for the resume on one process below
-
   outputs = finish(start_processes([*args, f"train.steps={STEPS}"]))
   assert "resuming from step 4" in outputs[0]
   assert_losses(read_metrics(workdir), expected, range(5, STEPS + 1), rel=None)
-
-  # The same checkpoint, resumed by one process with 4 devices: the same curve.
-  copy = root / "killed_copy"
-  out = run_one_process([*args_for(shared_data, copy, base, f"train.steps={STEPS}")])
-  assert "resuming from step 4" in out
-  assert_losses(read_metrics(copy), expected, range(5, STEPS + 1), rel=1e-6)
 
 
 def test_one_process_run_resumes_on_two_processes(shared_data, runs):
@@ -143,11 +134,10 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(shared_data, runs
 
 
 def test_early_stopping_decision_survives_a_resume(shared_data, tmp_path):
-  """At learning rate 0 no evaluation improves: patience 2 stops at the third one (step 6), resumed or not."""
+  """At learning rate 0 no evaluation improves (the loss stays the same, and only a lower one counts): the first
+  evaluation (step 2) sets the best, steps 4 and 6 make two without a gain, and patience 2 stops the run at step 6.
+  A run stopped at step 4 and resumed must stop there too, from the count its checkpoint kept."""
   common = ["train.eval_every=2", "train.early_stop_patience=2", "optim.learning_rate=0", "train.log_every=1"]
-  straight = tmp_path / "straight"
-  out = run_one_process(tiny_run_args(shared_data, straight, *common, "train.steps=20"), devices=1)
-  assert "stopping early at step 6" in out
   resumed = tmp_path / "resumed"
   run_one_process(tiny_run_args(shared_data, resumed, *common, "train.steps=4"), devices=1)
   out = run_one_process(tiny_run_args(shared_data, resumed, *common, "train.steps=20"), devices=1)

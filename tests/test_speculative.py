@@ -7,7 +7,6 @@ fail): resampling from the target instead of the residual, and keeping every dra
 """
 
 import dataclasses
-import itertools
 import json
 
 import jax
@@ -77,9 +76,10 @@ def small():
   return target_cfg, params(target_cfg, 2), draft_cfg, params(draft_cfg, 3), [1, 4, 6]
 
 
-def next_probs(cfg, p, tokens, sampler):
-  logits = transformer.forward(p, cfg, jnp.asarray([tokens]))[0, -1:]
-  return np.asarray(speculative.probabilities(logits, sampler))[0].astype(np.float64)
+def next_probs(cfg, p, rows, sampler):
+  """The sampler's distribution of the token after each of `rows` (token lists of one length), one forward pass."""
+  logits = transformer.forward(p, cfg, jnp.asarray(rows))[:, -1]
+  return np.asarray(speculative.probabilities(logits, sampler)).astype(np.float64)
 
 
 @pytest.mark.parametrize("sampler", [Sampler(1.0), Sampler(0.8, top_p=0.9)], ids=["t1", "t0.8-top_p0.9"])
@@ -87,10 +87,10 @@ def test_sampled_pairs_follow_the_target_distribution(small, sampler):
   """Two tokens per row from 6000 rows: the frequency of each of the 64 pairs matches the target's own
   probability of it (its sampler's filtered distribution), by chi-square."""
   target_cfg, target, draft_cfg, draft, prompt = small
-  first = next_probs(target_cfg, target, prompt, sampler)
-  assert 0.5 * np.abs(first - next_probs(draft_cfg, draft, prompt, sampler)).sum() > 0.15  # the draft is wrong often
-  joint = np.array([first[a] * next_probs(target_cfg, target, prompt + [a], sampler)[b]
-                    for a, b in itertools.product(range(SMALL_VOCAB), repeat=2)])
+  [first] = next_probs(target_cfg, target, [prompt], sampler)
+  assert 0.5 * np.abs(first - next_probs(draft_cfg, draft, [prompt], sampler)[0]).sum() > 0.15  # the draft is wrong often
+  second = next_probs(target_cfg, target, [prompt + [a] for a in range(SMALL_VOCAB)], sampler)
+  joint = (first[:, None] * second).reshape(-1)  # pair (a, b) at a * SMALL_VOCAB + b
   result = speculative.generate(target, target_cfg, draft, draft_cfg, [prompt] * SAMPLES, max_new_tokens=2,
                                 num_draft=2, temperature=sampler.temperature, top_p=sampler.top_p, seed=0)
   pairs = np.array([c.tokens[0] * SMALL_VOCAB + c.tokens[1] for c in result.completions])
@@ -112,7 +112,7 @@ def test_the_bound_rejects_wrong_acceptance_rules(small):
   wrong rules, under the same chi-square bound as the loop's test."""
   target_cfg, target, draft_cfg, draft, prompt = small
   sampler = Sampler(1.0)
-  p_V, q_V = next_probs(target_cfg, target, prompt, sampler), next_probs(draft_cfg, draft, prompt, sampler)
+  [p_V], [q_V] = next_probs(target_cfg, target, [prompt], sampler), next_probs(draft_cfg, draft, [prompt], sampler)
   p_J1V = jnp.asarray(np.stack([p_V, p_V]), jnp.float32)  # J = 1; the bonus row's contents do not matter here
   q_JV = jnp.asarray(q_V[None], jnp.float32)
 

@@ -193,6 +193,7 @@ def test_loss_and_gradients_are_divided_by_the_global_token_count():
   odd_rows = (np.arange(16) % 2 == 1)[:, None]
   batch["targets"] = np.where(odd_rows, logits0.argmax(-1), logits0.argmin(-1)).astype(np.int32)
 
+  @jax.jit  # compiled once rather than run op by op (eagerly, the reference gradient took seconds)
   def reference_terms(params):
     logits = transformer.forward(params, config.model, batch["inputs"], segment_ids_BL=batch["segment_ids"],
                                  positions_BL=batch["positions"])
@@ -213,7 +214,7 @@ def test_loss_and_gradients_are_divided_by_the_global_token_count():
   state, metrics = train_step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
   assert float(metrics["tokens"]) == counts.sum()
   assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
-  grads = jax.grad(reference_loss)(params0)
+  grads = jax.jit(jax.grad(reference_loss))(params0)
   applied = jax.tree.map(lambda before, after: before - after, params0, jax.device_get(state.params))
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(applied), jax.tree.leaves(grads)):
     relative = np.linalg.norm(got - np.asarray(want)) / np.linalg.norm(want)

@@ -149,12 +149,12 @@ def test_sst2_accuracy_of_a_classifier_equals_each_sentence_classified_alone(sha
   folder, params = export(tmp_path / "classifier", model)
   [record] = runner.run(folder, ["sst2"], limit=12, batch_size=5)
   rows = (shared_data / "sst2/test.tsv").read_text().splitlines()[1:13]
+  classify = jax.jit(lambda p, tokens: heads.classify(p, model, transformer.hidden(p, model, tokens)))
   hits = 0
   for row in rows:
     sentence, label = row.rsplit("\t", 1)
     ids = [b + 4 for b in sentence.strip().encode()][-63:] + [tok_lib.EOS_ID]  # the eos ends every example
-    hidden = transformer.hidden(params, model, jnp.asarray([ids]))
-    hits += int(np.argmax(heads.classify(params, model, hidden)[0, -1])) == int(label)
+    hits += int(np.argmax(classify(params, jnp.asarray([ids]))[0, -1])) == int(label)
   assert record["figures"]["zero_shot"] == 0 and record["figures"]["examples"] == 12
   assert record["figures"]["acc"] == hits / 12
 

@@ -409,7 +409,7 @@ def sft_batch(tmp_path_factory):
 def test_prompt_targets_change_neither_loss_nor_gradients(sft_batch):
   from llm_jax.train import losses
   batch, model, params = sft_batch
-  value_and_grad = jax.value_and_grad(lambda p, b: losses.lm_loss(p, b, None, model=model)[0])
+  value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: losses.lm_loss(p, b, None, model=model)[0]))
   loss, grads = value_and_grad(params, batch)
   prompt = batch["loss_mask"] == 0
   other = dict(batch, targets=np.where(prompt, (batch["targets"] + 7) % 256, batch["targets"]))
@@ -422,13 +422,14 @@ def test_prompt_targets_change_neither_loss_nor_gradients(sft_batch):
 def test_packed_rows_give_the_loss_of_each_example_alone(sft_batch):
   from llm_jax.train import losses
   batch, model, params = sft_batch
-  packed = float(losses.lm_loss(params, batch, None, model=model)[1]["loss"])
+  loss = jax.jit(lambda p, b: losses.lm_loss(p, b, None, model=model)[1]["loss"])  # compiled once a length
+  packed = float(loss(params, batch))
   alone = 0.0
   for row in range(batch["inputs"].shape[0]):
     for example in segments(batch, row):
       single = {key: value[None] for key, value in example.items()}
       single["segment_ids"] = np.ones_like(single["segment_ids"])
-      alone += float(losses.lm_loss(params, single, None, model=model)[1]["loss"])
+      alone += float(loss(params, single))
   assert packed == pytest.approx(alone, rel=1e-5)
 
 

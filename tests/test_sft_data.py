@@ -21,10 +21,10 @@ from llm_jax.data.documents import DataError
 from llm_jax.data.templates import Message
 from llm_jax.data.tokenizer import ByteTokenizer, EOS_ID, PAD_ID
 from llm_jax.model import presets, transformer
+from test_pipeline import KEYS, assert_same, take  # tests/test_pipeline.py
 
 BYTES = ByteTokenizer()
 REPO = pathlib.Path(__file__).resolve().parents[1]
-KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def alpaca_records(n: int, long_every: int = 0) -> list[dict]:
@@ -57,17 +57,6 @@ def chat_records(n: int) -> list[dict]:
       messages += [{"role": "user", "content": f"Q{i}.{turn}: 多少？"}, {"role": "assistant", "content": f"A{i}.{turn} 三"}]
     records.append({"messages": messages})
   return records
-
-
-def take(iterator, n: int) -> list[dict]:
-  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
-
-
-def assert_same(a: list[dict], b: list[dict]) -> None:
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    for key in KEYS:
-      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def segments(batch: dict, row: int) -> list[dict[str, np.ndarray]]:

@@ -54,11 +54,14 @@ def cli(*args):
                         timeout=600, env={**os.environ, "CI": "true"})
 
 
+FORWARD = jax.jit(transformer.forward, static_argnums=1)  # a reference compiled once a length, not run op by op
+
+
 def row_log_likelihood(params, model, context, continuation):
   """log p(continuation | context) from one forward pass over the request's own bytes."""
   tokens = [b + 4 for b in (context + continuation).encode()]
   n = len(continuation.encode())
-  log_p = jax.nn.log_softmax(transformer.forward(params, model, jnp.asarray([tokens[:-1]])), axis=-1)[0]
+  log_p = np.asarray(jax.nn.log_softmax(FORWARD(params, model, jnp.asarray([tokens[:-1]])), axis=-1))[0]
   return float(sum(log_p[t - 1, tokens[t]] for t in range(len(tokens) - n, len(tokens))))
 
 

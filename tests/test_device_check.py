@@ -3,6 +3,7 @@
 import math
 import sys
 
+import pytest
 from test_train_loop import REPO
 
 from llm_jax.model import presets, stats
@@ -10,6 +11,7 @@ from llm_jax.model import presets, stats
 sys.path.insert(0, str(REPO / "scripts"))
 import attention_check  # noqa: E402  scripts/attention_check.py
 import bench_train  # noqa: E402  scripts/bench_train.py
+import bench_xla_options  # noqa: E402  scripts/bench_xla_options.py
 
 
 def test_attention_check_compares_a_kernel_with_xla_in_float32():
@@ -38,3 +40,20 @@ def test_torch_peer_trains_the_same_architecture():
   figures = peer.figures(stats.flops_per_token(model, 16), [0.5])
   assert figures["torch_step_time_s"] > 0 and figures["speedup_vs_torch"] == round(figures["torch_step_time_s"] / 0.5, 2)
   assert abs(figures["torch_loss"] - math.log(model.vocab_size)) < 0.5  # near uniform after one step from init
+
+
+def test_xla_options_are_compiled_per_variant_and_timed_in_turns():
+  """An option XLA takes runs beside the default and a control; one it lacks is one line naming it."""
+  assert bench_xla_options.parse_option("xla_cpu_use_onednn=true") == ("xla_cpu_use_onednn", True)
+  assert bench_xla_options.parse_option("xla_cpu_matmul_tiling_m_dim=8") == ("xla_cpu_matmul_tiling_m_dim", 8)
+  assert bench_xla_options.parse_option("xla_cpu_experimental_ynn_fusion_type=dot,eltwise")[1] == "dot,eltwise"
+  with pytest.raises(SystemExit, match="expected xla_NAME=VALUE"):
+    bench_xla_options.parse_option("use_onednn")
+  config = bench_train.bench_config("tiny-llama", batch_size=8, seq_len=32)
+  option = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+  result = bench_xla_options.compare(config, [option], steps=1, rounds=2)
+  [variant] = result["variants"]
+  assert variant["options"] == option and variant["same_loss"] and len(variant["ratio_per_round"]) == 2
+  assert result["default_step_s"] > 0 and result["control_ratio"] > 0 and result["cpu"]
+  with pytest.raises(SystemExit, match=r"--option \{'xla_no_such_option': True\}: XLA refused it \(.*No such"):
+    bench_xla_options.compare(config, [{"xla_no_such_option": True}], steps=1, rounds=1)

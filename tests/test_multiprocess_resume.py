@@ -140,6 +140,8 @@ def test_early_stopping_decision_survives_a_resume(shared_data, tmp_path):
   common = ["train.eval_every=2", "train.early_stop_patience=2", "optim.learning_rate=0", "train.log_every=1"]
   resumed = tmp_path / "resumed"
   run_one_process(tiny_run_args(shared_data, resumed, *common, "train.steps=4"), devices=1)
+  loop_metadata = resumed / "checkpoints" / "4" / "loop" / "metadata"
+  assert json.loads(loop_metadata.read_text())["evals_without_gain"] == 1  # counted in the first run, kept to disk
   out = run_one_process(tiny_run_args(shared_data, resumed, *common, "train.steps=20"), devices=1)
   assert "resuming from step 4" in out and "stopping early at step 6" in out
   assert max(read_metrics(resumed)) == 6

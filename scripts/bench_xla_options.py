@@ -94,13 +94,16 @@ def compare(config: config_lib.Config, variants: list[dict], steps: int = 10, ro
   default, control = medians[0], medians[1]
 
   def ratios(times: list[float]) -> list[float]:
-    return [round(t / d, 3) for t, d in zip(times, default)]
+    return [t / d for t, d in zip(times, default)]
+
+  def rounded(values: list[float]) -> list[float]:
+    return [round(v, 3) for v in values]
 
   return {
       "steps": steps, "rounds": rounds, "default_step_s": round(statistics.median(default), 5),
-      "control_ratio": statistics.median(ratios(control)), "control_ratio_per_round": ratios(control),
+      "control_ratio": round(statistics.median(ratios(control)), 3), "control_ratio_per_round": rounded(ratios(control)),
       "variants": [{"options": options, "step_s": round(statistics.median(times), 5),
-                    "ratio": statistics.median(ratios(times)), "ratio_per_round": ratios(times),
+                    "ratio": round(statistics.median(ratios(times)), 3), "ratio_per_round": rounded(ratios(times)),
                     "same_loss": loss == losses[0]}
                    for options, times, loss in zip(variants, medians[2:], losses[2:])],
       "cpu": bench_train.cpu_model(), "cpu_flags": bench_train.cpu_flags(), "backend": jax.default_backend(),

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
-from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public name; orbax's own handler uses it
 
 from llm_jax import checksums
 from llm_jax import config as config_lib

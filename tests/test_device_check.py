@@ -25,6 +25,7 @@ def test_bench_train_reports_the_plan_and_the_kernel():
                                     overrides=["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], remat="full")
   assert result["attention"] == "einsum" and result["remat"] == "full" and result["cpu"]
   assert result["planned_bytes_per_device"] > 0 and result["tokens_per_sec"] > 0
+  assert isinstance(result["page_faults_per_step"], int) and isinstance(result["kernel_s_per_step"], float)
 
 
 def test_torch_peer_trains_the_same_architecture():

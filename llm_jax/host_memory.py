@@ -8,6 +8,12 @@ tunable (glibc 2.35 and later) marks those mappings for 2 MiB pages: about 450 f
 and the step took 0.73-0.76 s (docs/benchmarks.md). Accelerator hosts gain nothing and lose
 nothing from it.
 
+On a VM whose balloon driver reports free memory to the host, a 2 MiB page that sat free for a
+few seconds is refaulted from the host, at about 100x the cost of a reused one. XLA's buffers sit
+free for about a step, so there the tunable helps short steps and costs long ones (on one such
+machine: the main job's step 0.80x, gpt-10m's 1.11x). It stays on by default for the main job;
+`scripts/bench_host_memory.py` tells a user of long steps whether to set LLM_JAX_HUGE_PAGES=0.
+
 A tunable is read only when a process starts, so the command-line entry points re-execute
 themselves once with it set, before JAX is imported. A user's own GLIBC_TUNABLES is left as it
 is, and LLM_JAX_HUGE_PAGES=0 turns the re-execution off.

@@ -1,6 +1,9 @@
-"""The CLI's re-execution with glibc's huge-page tunable (llm_jax/host_memory.py), in real processes."""
+"""The CLI's re-execution with glibc's huge-page tunable (llm_jax/host_memory.py), and the benchmark that says
+whether a machine gains from it, in real processes."""
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -56,3 +59,17 @@ def test_no_reexec_when_opted_out_or_tunables_set(env):
     madvise_only = "[madvise]" in f.read()
   if madvise_only:  # the kernel then gives huge pages only where malloc asks for them
     assert int(child["huge_mb"]) < 32
+
+
+@needs_huge_pages
+def test_fault_cost_benchmark_times_both_page_sizes():
+  """scripts/bench_host_memory.py, which a user runs to choose LLM_JAX_HUGE_PAGES, really gets 2 MiB pages
+  for its huge-page mapping and reports a cost for each page size after each gap."""
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_host_memory.py"
+  out = subprocess.run([sys.executable, str(script), "--size-mib", "8", "--gaps", "0,0.1", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=120, check=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["huge_pages_granted"] and result["huge_pages_available"]
+  assert set(result["fault_in_ms_after_gap_s"]) == {"0.0", "0.1"}
+  assert all(cost["small"] > 0 and cost["huge"] > 0 for cost in result["fault_in_ms_after_gap_s"].values())
+  assert result["huge_slower_after_s"] in (None, 0.0, 0.1)

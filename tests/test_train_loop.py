@@ -18,7 +18,7 @@ import llm_jax
 from llm_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"}
+KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu", "kernel_s_per_step"}
 
 
 def tiny_run_args(shared_data, workdir, *extra):
@@ -63,6 +63,7 @@ def test_train_command_end_to_end(shared_data, tmp_path):
   for record in records.values():
     assert KEYS <= record.keys()
     assert record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1.5
+    assert 0 <= record["kernel_s_per_step"] <= os.cpu_count() * record["step_time_s"] + 0.01  # CPU s per wall s
   assert {"eval_loss", "eval_perplexity"} <= records[20].keys() and "eval_loss" in records[40]
   assert "eval_loss" not in records[15]
   assert records[40]["loss"] < records[5]["loss"] - 0.5  # bytes: from ~5.5 nats towards ~2.5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import resource
 import signal
 import time
 from typing import Any, Callable
@@ -385,28 +386,37 @@ def _restore(ckpt: checkpoint.Checkpointer, step: int, config: config_lib.Config
 
 
 class _Rate:
-  """Turns a step's fetched metrics into its record: throughput over the steps since the last one."""
+  """Turns a step's fetched metrics into its record: throughput over the steps since the last one, and
+  the kernel's seconds a step (page faults, I/O), which glibc's huge-page tunable moves up or down
+  depending on the host (llm_jax/host_memory.py)."""
 
   def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float, step: int):
     self._tokens, self._flops, self._peak = tokens_per_step, flops_per_token, peak
     self.restart(step)
 
   def restart(self, step: int) -> None:
-    self._since, self._step = time.perf_counter(), step
+    self._since, self._step, self._kernel = time.perf_counter(), step, _kernel_seconds()
 
   def record(self, step: int, device_metrics: dict) -> dict[str, Any]:
     """Fetching the metrics blocks only until that (already queued) step is done."""
     host = jax.device_get(device_metrics)
-    now = time.perf_counter()
-    step_time = (now - self._since) / max(step - self._step, 1)
-    self._since, self._step = now, step
+    now, kernel = time.perf_counter(), _kernel_seconds()
+    steps = max(step - self._step, 1)
+    step_time, kernel_time = (now - self._since) / steps, (kernel - self._kernel) / steps
+    self._since, self._step, self._kernel = now, step, kernel
     tokens_per_sec = self._tokens / step_time
     return {
         "step": step, "loss": float(host["loss"]), "learning_rate": float(host["learning_rate"]),
         "grad_norm": float(host["grad_norm"]), "param_norm": float(host["param_norm"]),
         "tokens_per_sec": tokens_per_sec, "step_time_s": step_time, "mfu": self._flops * tokens_per_sec / self._peak,
+        "kernel_s_per_step": kernel_time,
         "skipped_steps": int(host["skipped_steps"]), "consecutive_skips": int(host["consecutive_skips"]),
     }
+
+
+def _kernel_seconds() -> float:
+  """System CPU seconds of this process so far (all its threads)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _print_sample(reporter, state: state_lib.TrainState, config: config_lib.Config, tokenizer) -> None:

@@ -11,7 +11,8 @@ nothing from it.
 On a VM whose balloon driver reports free memory to the host, a 2 MiB page that sat free for a
 few seconds is refaulted from the host, at about 100x the cost of a reused one. XLA's buffers sit
 free for about a step, so there the tunable helps short steps and costs long ones (on one such
-machine: the main job's step 0.80x, gpt-10m's 1.11x). It stays on by default for the main job;
+machine it took the main job's step to 0.80 of its time without it, and gpt-10m's to 1.11).
+It stays on by default for the main job;
 `scripts/bench_host_memory.py` tells a user of long steps whether to set LLM_JAX_HUGE_PAGES=0.
 
 A tunable is read only when a process starts, so the command-line entry points re-execute

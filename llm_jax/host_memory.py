@@ -12,19 +12,26 @@ On a VM whose balloon driver reports free memory to the host, a 2 MiB page that 
 few seconds is refaulted from the host, at about 100x the cost of a reused one. XLA's buffers sit
 free for about a step, so there the tunable helps short steps and costs long ones (on one such
 machine it took the main job's step to 0.80 of its time without it, and gpt-10m's to 1.11).
-It stays on by default for the main job;
-`scripts/bench_host_memory.py` tells a user of long steps whether to set LLM_JAX_HUGE_PAGES=0.
+Which of the two a run is depends on its model, batch and host, so no constant can choose: a
+run on CPU measures it (`HugePageTrial`). Its first logged intervals alternate with and without
+huge pages, through the kernel's per-process switch (`prctl(PR_SET_THP_DISABLE)`, which applies
+from the next page fault on), and the faster setting stays for the rest of the run.
+`scripts/bench_host_memory.py` shows how long a machine's host leaves free memory alone.
 
 A tunable is read only when a process starts, so the command-line entry points re-execute
 themselves once with it set, before JAX is imported. A user's own GLIBC_TUNABLES is left as it
-is, and LLM_JAX_HUGE_PAGES=0 turns the re-execution off.
+is (and measured, if it asks for huge pages). LLM_JAX_HUGE_PAGES=0 turns the re-execution off;
+LLM_JAX_HUGE_PAGES=1 keeps huge pages without a trial.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
+import statistics
 import sys
+from collections.abc import Callable
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -56,3 +63,69 @@ def reexec_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)
+
+
+_PR_SET_THP_DISABLE, _PR_GET_THP_DISABLE = 41, 42  # <linux/prctl.h>
+
+
+def _prctl(option: int, value: int = 0) -> int:
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(option, value, 0, 0, 0)
+  except (OSError, AttributeError):  # not Linux
+    return -1
+
+
+def allow_huge_pages(allow: bool) -> bool:
+  """Lets this process's next page faults take huge pages, or not; False where the kernel has no switch.
+
+  Unlike the tunable, the switch works while the process runs, and children inherit it.
+  """
+  return _prctl(_PR_SET_THP_DISABLE, 0 if allow else 1) == 0
+
+
+def huge_pages_allowed() -> bool:
+  return _prctl(_PR_GET_THP_DISABLE) == 0
+
+
+def asked_for() -> bool:
+  """Whether this process's malloc asks for huge pages (the tunable is set, by us or by the user)."""
+  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+class HugePageTrial:
+  """Keeps huge pages for a run only if its own steps are faster with them (the module's docstring).
+
+  Feed it each logged interval's seconds a step. It skips the first interval (in a run, it holds
+  the compilation), then alternates with and without huge pages for `pairs` intervals each, and keeps
+  the setting whose median was faster, saying so through `say`. It is active only where malloc
+  asks for huge pages, the kernel has the switch and LLM_JAX_HUGE_PAGES is not set to 1.
+  """
+
+  def __init__(self, say: Callable[[str], None], pairs: int = 2, active: bool = True, skip_first: bool = True):
+    self._say, self._pairs = say, pairs
+    self.active = (active and asked_for() and os.environ.get("LLM_JAX_HUGE_PAGES") != "1"
+                   and allow_huge_pages(True))
+    self.times: dict[bool, list[float]] = {True: [], False: []}
+    self.kept: bool | None = None
+    self._skipped = not skip_first
+
+  def observe(self, step_time: float) -> None:
+    if not self.active:
+      return
+    if self._skipped:
+      current = huge_pages_allowed()
+      self.times[current].append(step_time)
+      if len(self.times[True]) < self._pairs or len(self.times[False]) < self._pairs:
+        allow_huge_pages(not current)
+        return
+      self._decide()
+    else:
+      self._skipped = True
+
+  def _decide(self) -> None:
+    with_huge, without = statistics.median(self.times[True]), statistics.median(self.times[False])
+    self.kept, self.active = with_huge <= without, False
+    allow_huge_pages(self.kept)
+    self._say(f"llm-jax: huge pages {'kept' if self.kept else 'turned off'} for this run: a step took "
+              f"{with_huge:.3g} s with them and {without:.3g} s without (llm_jax/host_memory.py)")

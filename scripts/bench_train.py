@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import platform
@@ -145,14 +146,17 @@ def time_steps(train_step, state, batches: list, steps: int, rounds: int = 1,
   `rounds` rounds of `steps` timed steps follow two warm-up steps; `between_rounds` runs after
   each round (a peer's own round), so both sides see the machine's same minutes. The kernel's
   share (page faults and system seconds a step) is what glibc's tunables change
-  (`llm_jax/host_memory.py`), and on a virtual machine it moves with the host from run to run.
+  (`llm_jax/host_memory.py`), and on a virtual machine it moves with the host from run to run; it
+  comes with the huge-page trial's choice and times.
   """
   start = time.perf_counter()
   state, out = train_step(state, batches[0])
   jax.block_until_ready(out)
   compile_s = time.perf_counter() - start
+  start = time.perf_counter()
   state, out = train_step(state, batches[1])
   jax.block_until_ready(out)
+  state, trial = try_huge_pages(train_step, state, batches, time.perf_counter() - start)
   times, round_medians, faults, kernel_s = [], [], 0, 0.0
   for _ in range(rounds):
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -169,8 +173,25 @@ def time_steps(train_step, state, batches: list, steps: int, rounds: int = 1,
     round_medians.append(statistics.median(round_times))
     if between_rounds:
       between_rounds()
-  kernel = {"page_faults_per_step": round(faults / len(times)), "kernel_s_per_step": round(kernel_s / len(times), 4)}
+  kernel = {"page_faults_per_step": round(faults / len(times)), "kernel_s_per_step": round(kernel_s / len(times), 4),
+            "huge_pages": {"kept": trial.kept, **{f"{'with' if on else 'without'}_s": [round(t, 4) for t in ts]
+                                                  for on, ts in trial.times.items()}}}
   return compile_s, statistics.median(times), kernel, out, round_medians
+
+
+def try_huge_pages(train_step, state, batches: list, step_s: float) -> tuple[object, host_memory.HugePageTrial]:
+  """The trainer's huge-page trial (llm_jax/host_memory.py) on blocks of a second or more of steps, before
+  the timed rounds, so that the figures carry the setting a training run of this model would keep."""
+  trial = host_memory.HugePageTrial(lambda text: print(text, file=sys.stderr), active=jax.default_backend() == "cpu",
+                                    skip_first=False)
+  block = max(2, math.ceil(1.0 / step_s))
+  while trial.active:
+    start = time.perf_counter()
+    for i in range(block):
+      state, out = train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(out)
+    trial.observe((time.perf_counter() - start) / block)
+  return state, trial
 
 
 def main() -> None:

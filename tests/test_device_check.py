@@ -6,6 +6,7 @@ import sys
 import pytest
 from test_train_loop import REPO
 
+from llm_jax import host_memory
 from llm_jax.model import presets, stats
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -26,6 +27,11 @@ def test_bench_train_reports_the_plan_and_the_kernel():
   assert result["attention"] == "einsum" and result["remat"] == "full" and result["cpu"]
   assert result["planned_bytes_per_device"] > 0 and result["tokens_per_sec"] > 0
   assert isinstance(result["page_faults_per_step"], int) and isinstance(result["kernel_s_per_step"], float)
+  trial = result["huge_pages"]  # the trainer's trial runs where malloc asks for huge pages
+  if host_memory.asked_for():
+    assert trial["kept"] in (True, False) and len(trial["with_s"]) == len(trial["without_s"]) == 2
+  else:
+    assert trial == {"kept": None, "with_s": [], "without_s": []}
 
 
 def test_torch_peer_trains_the_same_architecture():

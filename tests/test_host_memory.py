@@ -1,5 +1,5 @@
-"""The CLI's re-execution with glibc's huge-page tunable (llm_jax/host_memory.py), and the benchmark that says
-whether a machine gains from it, in real processes."""
+"""The CLI's re-execution with glibc's huge-page tunable (llm_jax/host_memory.py), the run's trial that keeps
+it or not, and the benchmark that says whether a machine gains from it, in real processes."""
 
 import json
 import os
@@ -11,29 +11,46 @@ import pytest
 
 from llm_jax import host_memory
 
-# Prints a marker, re-executes, then mallocs and touches 64 MiB (through libc itself: numpy
-# asks for huge pages on its own) and reports how much anonymous memory sits in huge pages.
-CHILD = """
-import ctypes, os
-from llm_jax import host_memory
-print("started", flush=True)
-host_memory.reexec_with_huge_pages()
+# Mallocs and touches 64 MiB (through libc itself: numpy asks for huge pages on its own) and
+# prints how much anonymous memory sits in huge pages.
+MALLOC = """
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(64 * 2**20)
 ctypes.memset(block, 1, 64 * 2**20)
 huge_kb = sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
-print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 print("huge_mb", huge_kb // 1024)
 """
+
+# Prints a marker, re-executes, then mallocs.
+CHILD = """
+import ctypes, os
+from llm_jax import host_memory
+print("started", flush=True)
+host_memory.reexec_with_huge_pages()
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
+""" + MALLOC
+
+# Feeds a trial the step times of argv, printing the kernel's switch after each, then mallocs.
+TRIAL = """
+import ctypes, json, sys
+from llm_jax import host_memory
+said = []
+trial = host_memory.HugePageTrial(said.append)
+allowed = [host_memory.huge_pages_allowed()]
+for step_time in map(float, sys.argv[1:]):
+  trial.observe(step_time)
+  allowed.append(host_memory.huge_pages_allowed())
+print("trial", json.dumps({"active": trial.active, "allowed": allowed, "kept": trial.kept, "said": said}))
+""" + MALLOC
 
 needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_available(),
                                       reason="needs glibc >= 2.35 and transparent huge pages not set to never")
 
 
-def run_child(**env) -> dict:
+def run_child(*args, code: str = CHILD, **env) -> dict:
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LLM_JAX_HUGE_PAGES")}
-  out = subprocess.run([sys.executable, "-c", CHILD], env={**base, **env}, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", code, *args], env={**base, **env}, capture_output=True, text=True,
                        timeout=120, check=True).stdout.split("\n")
   fields = dict(line.split(" ", 1) if " " in line else (line, "") for line in out if line)
   fields["starts"] = out.count("started")
@@ -59,6 +76,29 @@ def test_no_reexec_when_opted_out_or_tunables_set(env):
     madvise_only = "[madvise]" in f.read()
   if madvise_only:  # the kernel then gives huge pages only where malloc asks for them
     assert int(child["huge_mb"]) < 32
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("times, kept", [(("9", "1", "2", "1", "2"), True), (("9", "2", "1", "2", "1"), False)],
+                         ids=["faster-with", "faster-without"])
+def test_trial_alternates_then_keeps_the_faster_setting(times, kept):
+  """The first interval (the compilation's) is skipped; then with, without, with, without; the kernel's
+  switch really changes the page size a malloc gets."""
+  child = run_child(*times, code=TRIAL, GLIBC_TUNABLES=host_memory.TUNABLE)
+  trial = json.loads(child["trial"])
+  assert trial["allowed"] == [True, True, False, True, False, kept]
+  assert trial["kept"] is kept and not trial["active"]
+  assert trial["said"] == [f"llm-jax: huge pages {'kept' if kept else 'turned off'} for this run: a step took "
+                           f"{1 if kept else 2} s with them and {2 if kept else 1} s without (llm_jax/host_memory.py)"]
+  assert (int(child["huge_mb"]) >= 32) is kept
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("env", [{}, {"GLIBC_TUNABLES": host_memory.TUNABLE, "LLM_JAX_HUGE_PAGES": "1"}],
+                         ids=["no-tunable", "kept-by-user"])
+def test_no_trial_without_the_tunable_or_when_the_user_keeps_huge_pages(env):
+  trial = json.loads(run_child("9", "2", "1", "2", "1", code=TRIAL, **env)["trial"])
+  assert trial == {"active": False, "allowed": [True] * 6, "kept": None, "said": []}
 
 
 @needs_huge_pages

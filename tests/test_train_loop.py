@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from jax_processes import run_processes
 
 import llm_jax
 from llm_jax import config as config_lib
+from llm_jax import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu", "kernel_s_per_step"}
@@ -79,6 +81,11 @@ def test_train_command_end_to_end(shared_data, tmp_path):
   assert sample.startswith("ROMEO:") and len(sample.encode()) > len("ROMEO:")
   # the config's mesh.cpu_devices=2 overrides the 8 devices of this test process's XLA_FLAGS
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
+  if host_memory.huge_pages_available():  # the command asked for huge pages: steps 5-25 tried them (step 20 evaluated)
+    lines = result.stdout.splitlines()
+    decided = [i for i, line in enumerate(lines) if re.fullmatch(
+        r"llm-jax: huge pages (kept|turned off) for this run: a step took \S+ s with them and \S+ s without .*", line)]
+    assert len(decided) == 1 and lines[decided[0] + 1].startswith("step 25 |")
 
 
 @pytest.mark.slow

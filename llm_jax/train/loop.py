@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from llm_jax import checkpoint, distributed, sampling, sharding
+from llm_jax import checkpoint, distributed, host_memory, sampling, sharding
 from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
 from llm_jax.data import mixture, pipeline, templates
@@ -193,8 +193,9 @@ def _train(config: config_lib.Config, workdir: pathlib.Path, profile: bool = Fal
     try:
       reporter.message(f"llm-jax: {stats.count_params(config.model)['params']:,} parameters, mesh "
                        f"{dict(mesh.shape)}, MFU against {peak_source} ({peak / 1e9:,.0f} GFLOP/s)")
+      trial = host_memory.HugePageTrial(reporter.message, active=jax.default_backend() == "cpu")
       rate = _Rate(config.train.batch_size * config.data.seq_len, stats.flops_per_token(config.model, config.data.seq_len),
-                   peak, start or 0)
+                   peak, start or 0, on_interval=trial.observe)
       return _run(config, state, start or 0, loop_state, train_step, eval_step, batches, tokenizer, mesh, ckpt,
                   reporter, rate, stop, tracer)
     finally:
@@ -388,10 +389,12 @@ def _restore(ckpt: checkpoint.Checkpointer, step: int, config: config_lib.Config
 class _Rate:
   """Turns a step's fetched metrics into its record: throughput over the steps since the last one, and
   the kernel's seconds a step (page faults, I/O), which glibc's huge-page tunable moves up or down
-  depending on the host (llm_jax/host_memory.py)."""
+  depending on the host. Each interval's seconds a step also go to `on_interval`: the huge-page
+  trial (llm_jax/host_memory.py) chooses from them."""
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float, step: int):
-    self._tokens, self._flops, self._peak = tokens_per_step, flops_per_token, peak
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float, step: int,
+               on_interval: Callable[[float], None] = lambda step_time: None):
+    self._tokens, self._flops, self._peak, self._on_interval = tokens_per_step, flops_per_token, peak, on_interval
     self.restart(step)
 
   def restart(self, step: int) -> None:
@@ -404,6 +407,7 @@ class _Rate:
     steps = max(step - self._step, 1)
     step_time, kernel_time = (now - self._since) / steps, (kernel - self._kernel) / steps
     self._since, self._step, self._kernel = now, step, kernel
+    self._on_interval(step_time)
     tokens_per_sec = self._tokens / step_time
     return {
         "step": step, "loss": float(host["loss"]), "learning_rate": float(host["learning_rate"]),

@@ -97,12 +97,14 @@ class HugePageTrial:
   """Keeps huge pages for a run only if its own steps are faster with them (the module's docstring).
 
   Feed it each logged interval's seconds a step. It skips the first interval (in a run, it holds
-  the compilation), then alternates with and without huge pages for `pairs` intervals each, and keeps
-  the setting whose median was faster, saying so through `say`. It is active only where malloc
-  asks for huge pages, the kernel has the switch and LLM_JAX_HUGE_PAGES is not set to 1.
+  the compilation), then alternates with and without huge pages for `pairs` pairs of intervals,
+  and keeps them if the median of the pairs' ratios (with over without) is at most 1, saying so
+  through `say`. Ratios of neighbouring intervals, rather than two medians, because a shared
+  machine's speed drifts over minutes. It is active only where malloc asks for huge pages, the
+  kernel has the switch and LLM_JAX_HUGE_PAGES is not set to 1.
   """
 
-  def __init__(self, say: Callable[[str], None], pairs: int = 2, active: bool = True, skip_first: bool = True):
+  def __init__(self, say: Callable[[str], None], pairs: int = 3, active: bool = True, skip_first: bool = True):
     self._say, self._pairs = say, pairs
     self.active = (active and asked_for() and os.environ.get("LLM_JAX_HUGE_PAGES") != "1"
                    and allow_huge_pages(True))
@@ -113,19 +115,16 @@ class HugePageTrial:
   def observe(self, step_time: float) -> None:
     if not self.active:
       return
-    if self._skipped:
-      current = huge_pages_allowed()
-      self.times[current].append(step_time)
-      if len(self.times[True]) < self._pairs or len(self.times[False]) < self._pairs:
-        allow_huge_pages(not current)
-        return
-      self._decide()
-    else:
+    if not self._skipped:
       self._skipped = True
-
-  def _decide(self) -> None:
-    with_huge, without = statistics.median(self.times[True]), statistics.median(self.times[False])
-    self.kept, self.active = with_huge <= without, False
+      return
+    current = huge_pages_allowed()
+    self.times[current].append(step_time)
+    if len(self.times[False]) < self._pairs:
+      allow_huge_pages(not current)
+      return
+    ratio = statistics.median(a / b for a, b in zip(self.times[True], self.times[False]))
+    self.kept, self.active = ratio <= 1, False
     allow_huge_pages(self.kept)
-    self._say(f"llm-jax: huge pages {'kept' if self.kept else 'turned off'} for this run: a step took "
-              f"{with_huge:.3g} s with them and {without:.3g} s without (llm_jax/host_memory.py)")
+    self._say(f"llm-jax: huge pages {'kept' if self.kept else 'turned off'} for this run: a step took {ratio:.3g} "
+              f"of its time without them (median of {self._pairs} alternated pairs; llm_jax/host_memory.py)")

@@ -180,11 +180,12 @@ def time_steps(train_step, state, batches: list, steps: int, rounds: int = 1,
 
 
 def try_huge_pages(train_step, state, batches: list, step_s: float) -> tuple[object, host_memory.HugePageTrial]:
-  """The trainer's huge-page trial (llm_jax/host_memory.py) on blocks of a second or more of steps, before
-  the timed rounds, so that the figures carry the setting a training run of this model would keep."""
+  """The trainer's huge-page trial (llm_jax/host_memory.py) on blocks of 3 s or more of steps (a run's
+  logged intervals), before the timed rounds, so that the figures carry the setting a training run of
+  this model would keep."""
   trial = host_memory.HugePageTrial(lambda text: print(text, file=sys.stderr), active=jax.default_backend() == "cpu",
                                     skip_first=False)
-  block = max(2, math.ceil(1.0 / step_s))
+  block = max(2, math.ceil(3.0 / step_s))
   while trial.active:
     start = time.perf_counter()
     for i in range(block):

@@ -126,5 +126,5 @@ class HugePageTrial:
     ratio = statistics.median(a / b for a, b in zip(self.times[True], self.times[False]))
     self.kept, self.active = ratio <= 1, False
     allow_huge_pages(self.kept)
-    self._say(f"llm-jax: huge pages {'kept' if self.kept else 'turned off'} for this run: a step took {ratio:.3g} "
+    self._say(f"llm-jax: huge pages {'kept' if self.kept else 'turned off'} for this run: a step took {ratio:.2f} "
               f"of its time without them (median of {self._pairs} alternated pairs; llm_jax/host_memory.py)")

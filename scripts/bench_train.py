@@ -188,9 +188,9 @@ def try_huge_pages(train_step, state, batches: list, step_s: float) -> tuple[obj
   block = max(2, math.ceil(3.0 / step_s))
   while trial.active:
     start = time.perf_counter()
-    for i in range(block):
+    for i in range(block):  # each step waited for, as in the timed rounds
       state, out = train_step(state, batches[i % len(batches)])
-    jax.block_until_ready(out)
+      jax.block_until_ready(out)
     trial.observe((time.perf_counter() - start) / block)
   return state, trial
 

@@ -79,8 +79,8 @@ def test_no_reexec_when_opted_out_or_tunables_set(env):
 
 
 @needs_huge_pages
-@pytest.mark.parametrize("times, kept, ratio", [(("9", "1", "2", "1", "2", "3", "2"), True, "0.5"),
-                                                (("9", "2", "1", "1", "2", "3", "2"), False, "1.5")],
+@pytest.mark.parametrize("times, kept, ratio", [(("9", "1", "2", "1", "2", "3", "2"), True, "0.50"),
+                                                (("9", "2", "1", "1", "2", "3", "2"), False, "1.50")],
                          ids=["faster-with", "faster-without"])
 def test_trial_alternates_then_keeps_the_faster_setting(times, kept, ratio):
   """The first interval (the compilation's) is skipped; then with, without, three times over, and the

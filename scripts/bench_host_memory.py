@@ -1,5 +1,5 @@
 """What a page fault costs on this host, for 4 KiB and 2 MiB pages, after memory sat free for a while;
-prints one JSON line. Run it to decide `LLM_JAX_HUGE_PAGES` (llm_jax/host_memory.py) on a machine.
+prints one JSON line. It shows why a run's huge-page trial (llm_jax/host_memory.py) decides as it does.
 
   .venv/bin/python scripts/bench_host_memory.py [--size-mib 64] [--gaps 0,1,3] [--repeats 3]
 
@@ -14,8 +14,8 @@ For each gap, the script maps --size-mib of anonymous memory, touches it, unmaps
 then times mapping and touching the same size again, once with 4 KiB pages and once with 2 MiB
 pages (`madvise(MADV_HUGEPAGE)`); medians of --repeats. `huge_slower_after_s` is the shortest gap
 at which 2 MiB pages cost more than 4 KiB ones (null if none did): a training run whose step takes
-longer than that is likely to lose time with huge pages on this machine (`LLM_JAX_HUGE_PAGES=0`),
-and one with shorter steps to gain. `huge_pages_granted` says whether the kernel backed the 2 MiB
+longer than that is likely to lose time with huge pages on this machine, and its trial to turn
+them off, and one with shorter steps to gain. `huge_pages_granted` says whether the kernel backed the 2 MiB
 mapping with huge pages at all.
 """
 

@@ -104,7 +104,7 @@ def test_no_trial_without_the_tunable_or_when_the_user_keeps_huge_pages(env):
 
 @needs_huge_pages
 def test_fault_cost_benchmark_times_both_page_sizes():
-  """scripts/bench_host_memory.py, which a user runs to choose LLM_JAX_HUGE_PAGES, really gets 2 MiB pages
+  """scripts/bench_host_memory.py, which shows why a run keeps huge pages or not, really gets 2 MiB pages
   for its huge-page mapping and reports a cost for each page size after each gap."""
   script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_host_memory.py"
   out = subprocess.run([sys.executable, str(script), "--size-mib", "8", "--gaps", "0,0.1", "--repeats", "1"],

@@ -15,7 +15,7 @@ import sys
 
 from llm_jax import compile_cache, host_memory
 from llm_jax import config as config_lib
-from llm_jax.errors import UserError
+from llm_jax.errors import UserError, exit_interrupted
 
 
 def _load_config(args: argparse.Namespace) -> config_lib.Config:
@@ -304,11 +304,8 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:  # input the user can fix: one line, no traceback
     print(f"llm-jax: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:  # a second Ctrl-C: the trainer's first one would have saved and exited 0
-    print("llm-jax: interrupted; checkpoints that were complete are intact (an unfinished save is removed when "
-          "the run resumes)", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(130)  # at once, as asked: background save threads would print their own tracebacks at shutdown
+  except KeyboardInterrupt:  # Ctrl-C outside the trainer's loop (whose handler ends the process itself)
+    exit_interrupted()
 
 
 def run() -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from llm_jax import checkpoint, distributed, host_memory, sampling, sharding
+from llm_jax import checkpoint, distributed, errors, host_memory, sampling, sharding
 from llm_jax import workdir as workdir_lib
 from llm_jax import config as config_lib
 from llm_jax.data import mixture, pipeline, templates
@@ -50,7 +50,7 @@ class _Stop:
 
     def handler(signum, frame):
       if self.requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # second Ctrl-C: abort now
+        errors.exit_interrupted()  # a second Ctrl-C: abort now
       self.requested = True
       print(f"llm-jax: {signal.Signals(signum).name} received; finishing this step and saving a checkpoint",
             flush=True)

@@ -1,6 +1,7 @@
 """Memory planning: `llm-jax inspect`'s per-device estimate against what XLA compiles for the step."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -56,3 +57,15 @@ def test_best_remat_recomputes_least_that_fits():
   assert memory.best_remat(config, totals["none"] * 2) == "none"
   assert memory.best_remat(config, int(totals["save_matmuls"] / memory.HEADROOM) + 1) == "save_matmuls"
   assert memory.best_remat(config, totals["full"]) == "full"  # nothing fits: the least memory
+
+
+def test_main_jobs_step_keeps_its_temporaries_under_glibcs_mmap_ceiling():
+  """configs/tiny_shakespeare.py scans its layers and recomputes them so that, on one CPU device, XLA's
+  temporaries for a step stay under the 32 MiB above which glibc maps them afresh every step (its
+  comment says why); unrolled without remat they take twice that."""
+  import jax
+  config = config_lib.load_file(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny_shakespeare.py")
+  ceiling = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit hosts
+  assert memory.compiled_memory(config, jax.devices()[:1]).temp_size_in_bytes < ceiling
+  unrolled = config_lib.override(config, {"model.scan_layers": False, "model.remat": "none"})
+  assert memory.compiled_memory(unrolled, jax.devices()[:1]).temp_size_in_bytes > ceiling

@@ -117,14 +117,10 @@ def fit_line(total: int, device: str) -> str:
   return f"{verdict} on {device} ({gib} GiB): {total / GIB:.2f} GiB per device"
 
 
-def compiled_bytes(config: config_lib.Config) -> int:
-  """Bytes per device that XLA's compiled train step takes (`memory_analysis()`), from shapes alone.
-
-  Arguments (state and batch) + outputs - the donated state they share + temporaries: what the
-  plan estimates. Compiles for the devices of this process, so the mesh must fit them.
-  """
+def compiled_memory(config: config_lib.Config, devices: list | None = None) -> Any:
+  """XLA's `memory_analysis()` of the compiled train step for `devices` (default: all), from shapes alone."""
   from llm_jax.train import step as step_lib
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   schedule = optim.schedule(config.optim, config.train.steps)
   shardings = state_lib.shardings(config.model, optimizer, mesh, config.finetune)
@@ -135,7 +131,16 @@ def compiled_bytes(config: config_lib.Config) -> int:
   batch["loss_mask"] = jax.ShapeDtypeStruct(rows.shape, np.float32, sharding=rows.sharding)
   state = state_lib.abstract(config.model, optimizer, mesh, config.finetune)
   with jax.set_mesh(mesh):
-    stats = train_step.jitted.lower(state, batch).compile().memory_analysis()
+    return train_step.jitted.lower(state, batch).compile().memory_analysis()
+
+
+def compiled_bytes(config: config_lib.Config) -> int:
+  """Bytes per device that XLA's compiled train step takes, from shapes alone.
+
+  Arguments (state and batch) + outputs - the donated state they share + temporaries: what the
+  plan estimates. Compiles for the devices of this process, so the mesh must fit them.
+  """
+  stats = compiled_memory(config)
   return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
           + stats.temp_size_in_bytes)
 

@@ -149,6 +149,10 @@ class TrainConfig:
   keep_checkpoints: int = 3
   init_from: str = ""  # a workdir or checkpoint whose parameters start this run
   z_loss: float = 0.0  # weight of the log(Z)^2 auxiliary loss
+  # positions of each row whose logits exist at once in the train step's loss (a divisor of
+  # data.seq_len); 0 = all of them. Chunks cut the [batch, length, vocab] logits and their gradient
+  # to [batch, chunk, vocab], recomputed in the backward pass (train/losses.py)
+  loss_chunk: int = 0
   early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
   max_skipped_steps: int = 10  # consecutive updates skipped (non-finite loss or gradient, spikes) before the run stops
   spike_factor: float = 0.0  # skip an update whose loss exceeds this x the running mean of the loss; 0 = off
@@ -450,6 +454,7 @@ _RANGES: dict[str, tuple[float, float, str, str]] = {
     "train.keep_checkpoints": (1, _FINITE, "[)", "the run needs its latest checkpoint to resume"),
     "train.early_stop_patience": (0, _FINITE, "[)", "0 never stops early"),
     "train.z_loss": (0, _FINITE, "[)", ""),
+    "train.loss_chunk": (0, _FINITE, "[)", "0 computes the logits of every position at once"),
     "train.max_skipped_steps": (1, _FINITE, "[)", "skipped updates in a row before the run stops"),
     "train.spike_factor": (0, _FINITE, "[)", "0 turns the spike guard off; above 1 to skip only spikes"),
     "finetune.lora_rank": (0, _FINITE, "[)", "0 trains every parameter"),
@@ -493,6 +498,9 @@ def validate_ranges(config: Config) -> None:
   if 0 < train.spike_factor <= 1:
     raise ConfigError(f"train.spike_factor={train.spike_factor!r}: a factor of 1 or less skips ordinary steps; "
                       "use e.g. 3.0, or 0 to turn the spike guard off")
+  if train.loss_chunk and data.seq_len % train.loss_chunk:
+    raise ConfigError(f"train.loss_chunk={train.loss_chunk} does not divide data.seq_len={data.seq_len}; use a "
+                      "divisor of it (e.g. data.seq_len / 4), or 0 for the whole sequence at once")
   if train.eval_every and train.eval_batches <= 0:
     raise ConfigError(f"train.eval_batches={train.eval_batches}: expected a positive count while evaluation is on "
                       "(or set train.eval_every=0 to turn it off)")

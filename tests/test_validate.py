@@ -43,6 +43,8 @@ def validate(**sections):
     ("train", "spike_factor", 0.5, "train.spike_factor=0.5: a factor of 1 or less skips ordinary steps"),
     ("train", "early_stop_patience", -1, "train.early_stop_patience=-1: expected a finite value >= 0"),
     ("train", "z_loss", -1e-4, "train.z_loss=-0.0001: expected a finite value >= 0"),
+    ("train", "loss_chunk", -8, "train.loss_chunk=-8: expected a finite value >= 0"),
+    ("train", "loss_chunk", 100, r"train.loss_chunk=100 does not divide data.seq_len=\d+; use a divisor"),
     ("sample", "max_new_tokens", -1, r"sample.max_new_tokens=-1: expected a finite value >= 0 \(0: the run prints no"),
     ("sample", "temperature", -0.5, "sample.temperature=-0.5: expected a finite value >= 0"),
     ("sample", "top_k", -3, "sample.top_k=-3: expected a finite value >= 0"),

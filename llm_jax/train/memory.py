@@ -6,7 +6,8 @@ For one device of the config's mesh, at its batch, sequence length, dtypes and r
   optimizer    the optax state's shards (its real tree: AdamW's two moments, Adafactor's factors, ...)
   gradients    one more parameter-sized set of shards (the step holds them beside the old parameters)
   activations  what the forward pass keeps for the backward pass: per layer, what the remat policy
-               saves, plus the float32 logits of the output head and their gradient; and the one
+               saves, plus the float32 logits of the output head and their gradient (of
+               `train.loss_chunk` positions of each row, where set); and the one
                layer whose backward is running, with every intermediate its remat recomputed
   gathered     the weights of one layer gathered out of their FSDP shards (in model.dtype), and
                the replicated copy of the embedding table that the token lookup reads
@@ -92,10 +93,11 @@ def plan(config: config_lib.Config) -> dict[str, Any]:
   rows = config.train.batch_size // config.train.microbatches // (data * fsdp)
   seq_len = min(config.data.seq_len, model.max_len)
   tokens = rows * seq_len
-  logits = 2 * model.vocab_size // tensor * 4  # float32 logits and their gradient
+  logits = 2 * model.vocab_size // tensor * 4  # float32 logits and their gradient, per position
+  logit_positions = min(config.train.loss_chunk or seq_len, seq_len)  # at once (train.loss_chunk, train/losses.py)
   saved = saved_per_token(model, seq_len, tensor, fused_attention)
   running = saved_per_token(model, seq_len, tensor, fused_attention, "none") - saved  # recomputed in its backward
-  activations = tokens * ((model.num_layers * saved + running) * compute + logits)
+  activations = tokens * (model.num_layers * saved + running) * compute + rows * logit_positions * logits
   gathered = 0
   if fsdp > 1:  # one layer's weights gathered out of their FSDP shards, in the compute dtype
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(transformer.abstract_params(model)["layers"]))

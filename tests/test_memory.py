@@ -16,7 +16,9 @@ MESH = config_lib.MeshConfig(data=2, fsdp=2, tensor=2)
 
 @pytest.mark.parametrize("preset,batch,seq_len,loss_chunk", [("gpt-10m", 8, 256, 0), ("tiny-llama", 16, 64, 0),
                                                               ("tiny-llama", 16, 64, 16)])
-def test_estimate_is_within_a_quarter_of_the_compiled_step(preset, batch, seq_len, loss_chunk):
+def test_estimate_is_within_a_quarter_of_the_compiled_step(preset, batch, seq_len, loss_chunk, capfd):
+  """... and XLA partitions the step without replicating an activation it was asked to shard (its
+  "Involuntary full rematerialization" warning, which gpt-10m's learned positions once caused)."""
   config = config_lib.Config(model=presets.get(preset), mesh=MESH, data=config_lib.DataConfig(seq_len=seq_len),
                              train=config_lib.TrainConfig(batch_size=batch, loss_chunk=loss_chunk))
   planned = memory.plan(config)
@@ -25,6 +27,7 @@ def test_estimate_is_within_a_quarter_of_the_compiled_step(preset, batch, seq_le
   assert planned["optimizer_state"] > 1.9 * planned["parameters"]  # AdamW: two moments
   compiled = memory.compiled_bytes(config)
   assert 0.75 < planned["total"] / compiled < 1.25, (planned, compiled)
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
 def test_fit_lines_follow_the_mesh():

@@ -241,13 +241,13 @@ def _causal_blocks(length: int) -> int:
 def embed(params: Params, cfg: ModelConfig, tokens_BL: jax.Array, positions_BL: jax.Array,
           rng: jax.Array | None = None) -> jax.Array:
   dtype = jnp.dtype(cfg.dtype)
-  # Gather from a replicated table: a gather from a (vocab, embed)-sharded one makes XLA
-  # rematerialize the whole table anyway, and with a warning.
+  # Gather from replicated tables: a gather from a (vocab, embed)-sharded one makes XLA
+  # rematerialize the whole table anyway, and with a warning ("Involuntary full rematerialization").
   table = params["embed_tokens"]
   table = {**table, "embedding": constrain(table["embedding"], (None, None))}
   x_BLD = quant.take(table, "embedding", tokens_BL, dtype)
   if cfg.position == "learned":
-    x_BLD = x_BLD + params["embed_positions"]["embedding"].astype(dtype)[positions_BL]
+    x_BLD = x_BLD + constrain(params["embed_positions"]["embedding"], (None, None)).astype(dtype)[positions_BL]
   x_BLD = layers.dropout(x_BLD, cfg.embed_dropout, rng)
   return constrain(x_BLD, ("batch", "length", None))
 

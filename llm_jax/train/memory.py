@@ -10,7 +10,7 @@ For one device of the config's mesh, at its batch, sequence length, dtypes and r
                `train.loss_chunk` positions of each row, where set); and the one
                layer whose backward is running, with every intermediate its remat recomputed
   gathered     the weights of one layer gathered out of their FSDP shards (in model.dtype), and
-               the replicated copy of the embedding table that the token lookup reads
+               the replicated copies of the embedding tables that the lookups read
 
 The estimate is checked against the compiled step's own `memory_analysis()` on CPU
 (tests/test_memory.py); on accelerators, XLA's fusion choices move the activations by some
@@ -102,8 +102,10 @@ def plan(config: config_lib.Config) -> dict[str, Any]:
   if fsdp > 1:  # one layer's weights gathered out of their FSDP shards, in the compute dtype
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(transformer.abstract_params(model)["layers"]))
     gathered = layer_params // model.num_layers // tensor * compute
-  if fsdp > 1 or tensor > 1:  # the lookup reads a replicated copy of the embedding table
+  if fsdp > 1 or tensor > 1:  # the lookups read replicated copies of the embedding tables
     gathered += model.vocab_size * model.d_model * compute
+  if fsdp > 1 and model.position == "learned":  # (positions are sharded over fsdp only)
+    gathered += model.max_len * model.d_model * compute
   total = params + opt_state + trained + activations + gathered
   return {
       "mesh": dict(mesh.shape), "rows_per_device": rows, "seq_len": seq_len, "dtype": model.dtype,

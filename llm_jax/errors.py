@@ -15,7 +15,7 @@ class UserError(Exception):
 
 
 def exit_interrupted() -> NoReturn:
-  """Ends the process at once with one line and status 130, as a Ctrl-C that means it asks.
+  """Ends the process at once with one line and status 130 (killed by SIGINT), as a second Ctrl-C asks.
 
   `os._exit`, not an exception: a KeyboardInterrupt raised while Python runs a garbage-collection
   callback or a finalizer is printed and dropped, and background save threads would print their

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from llm_jax import config as config_lib
@@ -67,7 +68,6 @@ def test_main_jobs_step_keeps_its_temporaries_under_glibcs_mmap_ceiling():
   """configs/tiny_shakespeare.py scans its layers and recomputes them so that, on one CPU device, XLA's
   temporaries for a step stay under the 32 MiB above which glibc maps them afresh every step (its
   comment says why); unrolled without remat they take twice that."""
-  import jax
   config = config_lib.load_file(pathlib.Path(__file__).resolve().parents[1] / "configs/tiny_shakespeare.py")
   ceiling = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit hosts
   assert memory.compiled_memory(config, jax.devices()[:1]).temp_size_in_bytes < ceiling
